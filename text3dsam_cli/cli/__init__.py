@@ -1,0 +1,12 @@
+"""The ``text3dsam`` command line: thin Typer commands over the Python API.
+
+Each command module registers itself on ``app`` when imported; importing this package registers them all.
+"""
+
+from text3dsam_cli.cli.app import app, main
+from text3dsam_cli.cli import segment as _segment  # noqa: F401  (registers `segment`)
+from text3dsam_cli.cli import train as _train  # noqa: F401  (registers `train`, `finetune`)
+from text3dsam_cli.cli import eval as _eval  # noqa: F401  (registers `eval`)
+from text3dsam_cli.cli import model_cmds as _model_cmds  # noqa: F401  (registers `download`, `info`)
+
+__all__ = ["app", "main"]

@@ -1,0 +1,90 @@
+"""The Typer application, the shared ``--debug`` switch, and the mapping of errors to exit codes."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from text3dsam_cli import __version__
+from text3dsam_cli.errors import Text3DSAMError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+app = typer.Typer(
+    name="text3dsam",
+    help="Segment 3-D medical images from free-text prompts with Text3DSAM.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+#: Progress, logs and errors go to stderr; stdout carries only machine-readable output.
+err_console = Console(stderr=True)
+_state = {"debug": False}
+
+
+def is_debug() -> bool:
+    """Whether ``--debug`` was given (tracebacks are then shown)."""
+    return _state["debug"]
+
+
+def fail(message: str, code: int = 1) -> None:
+    """Print a one-line error on stderr and exit with ``code``."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def handle_errors(func: F) -> F:
+    """Turn library errors into one-line messages and exit codes (tracebacks only with ``--debug``)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except Text3DSAMError as exc:
+            if is_debug():
+                err_console.print_exception()
+            fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            fail("interrupted", 130)
+        except Exception as exc:
+            if is_debug():
+                err_console.print_exception()
+            fail(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)", 1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"text3dsam {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Segment 3-D medical images from free-text prompts with Text3DSAM."""
+    _state["debug"] = debug
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="text3dsam")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
+    sys.exit(0)
