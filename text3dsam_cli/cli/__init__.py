@@ -3,10 +3,10 @@
 Each command module registers itself on ``app`` when imported; importing this package registers them all.
 """
 
-from text3dsam_cli.cli.app import app, main
-from text3dsam_cli.cli import segment as _segment  # noqa: F401  (registers `segment`)
-from text3dsam_cli.cli import train as _train  # noqa: F401  (registers `train`, `finetune`)
 from text3dsam_cli.cli import eval as _eval  # noqa: F401  (registers `eval`)
 from text3dsam_cli.cli import model_cmds as _model_cmds  # noqa: F401  (registers `download`, `info`)
+from text3dsam_cli.cli import segment as _segment  # noqa: F401  (registers `segment`)
+from text3dsam_cli.cli import train as _train  # noqa: F401  (registers `train`, `finetune`)
+from text3dsam_cli.cli.app import app, main
 
 __all__ = ["app", "main"]

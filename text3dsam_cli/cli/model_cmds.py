@@ -1,15 +1,94 @@
-"""``text3dsam download`` and ``text3dsam info`` (placeholders until weight resolution lands)."""
+"""``text3dsam download`` (pre-fetch weights into the HF cache) and ``text3dsam info``."""
 
-from text3dsam_cli.cli.app import app, fail
+from __future__ import annotations
+
+import json
+import platform
+from importlib import metadata
+from typing import Any
+
+import typer
+
+from text3dsam_cli import DEFAULT_MODEL, __version__
+from text3dsam_cli.cli.app import app, err_console, handle_errors
+
+MODEL_HELP = "Checkpoint folder or Hugging Face repo id (default: $TEXT3DSAM_MODEL or " + DEFAULT_MODEL + ")."
 
 
 @app.command("download")
-def download_command() -> None:
-    """Pre-fetch model weights into the Hugging Face cache (for offline machines)."""
-    fail("`text3dsam download` is not available yet", 2)
+@handle_errors
+def download_command(
+    model: str = typer.Argument(None, help=MODEL_HELP, show_default=False),
+    revision: str = typer.Option(None, "--revision", help="Branch, tag or commit of the hub repo."),
+) -> None:
+    """Pre-fetch model weights into the Hugging Face cache (honours HF_HOME, HF_ENDPOINT, HF_TOKEN).
+
+    Run it on a connected machine; copy the cache (HF_HOME) to offline machines and set HF_HUB_OFFLINE=1 there.
+    Interrupted downloads resume. Prints the snapshot folder on stdout.
+    """
+    from text3dsam_cli.model import download_model
+
+    location = download_model(model, revision)
+    err_console.print(f"model {location.repo_id or location.path} ready"
+                      + (f" (commit {location.commit})" if location.commit else ""))
+    typer.echo(str(location.path))
+
+
+def _version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 @app.command("info")
-def info_command() -> None:
-    """Show the resolved model and revision, device and versions."""
-    fail("`text3dsam info` is not available yet", 2)
+@handle_errors
+def info_command(
+    model: str = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    revision: str = typer.Option(None, "--revision", help="Branch, tag or commit of the hub repo."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    as_json: bool = typer.Option(False, "--json", help="Print the information as JSON on stdout."),
+) -> None:
+    """Show the resolved model and revision (from the cache, without downloading), device and versions."""
+    import torch
+
+    from text3dsam_cli.devices import resolve_device
+    from text3dsam_cli.errors import ModelNotFoundError
+    from text3dsam_cli.model.hub import hub_cache_dir, hub_offline, requested_model, resolve_model
+
+    info: dict[str, Any] = {"text3dsam": __version__, "python": platform.python_version()}
+    try:
+        info["model"] = resolve_model(model, revision, download=False).describe()
+    except ModelNotFoundError as exc:
+        info["model"] = {"model": requested_model(model), "revision": revision, "available": False,
+                         "reason": str(exc)}
+    resolved = resolve_device(device)
+    info["device"] = {"resolved": str(resolved), "cuda_available": torch.cuda.is_available(),
+                      "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+                      "cpu_threads": torch.get_num_threads()}
+    info["hub"] = {"cache": str(hub_cache_dir()), "offline": hub_offline()}
+    info["versions"] = {name: _version(name) for name in
+                        ("torch", "transformers", "huggingface_hub", "safetensors", "SimpleITK", "nibabel",
+                         "pydicom", "monai", "numpy", "typer", "highdicom")}
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(show_header=False, box=None)
+    model_info = info["model"]
+    table.add_row("model", str(model_info.get("model")))
+    if model_info.get("available") is False:
+        table.add_row("", "[yellow]not in the cache[/] (run `text3dsam download`)")
+    else:
+        table.add_row("revision", str(model_info.get("revision") or "main/default"))
+        table.add_row("commit", str(model_info.get("commit") or "-"))
+        table.add_row("path", str(model_info.get("path")))
+    table.add_row("device", info["device"]["resolved"] + (f" ({', '.join(info['device']['cuda_devices'])})"
+                                                          if info["device"]["cuda_devices"] else ""))
+    table.add_row("cpu threads", str(info["device"]["cpu_threads"]))
+    table.add_row("HF cache", info["hub"]["cache"] + ("  (offline)" if info["hub"]["offline"] else ""))
+    table.add_row("text3dsam", __version__)
+    for name, version in info["versions"].items():
+        table.add_row(name, version or "-")
+    err_console.print(table)

@@ -1,0 +1,165 @@
+"""Checkpoint folder <-> model: config and text-config resolution, strict tensor check, tokenizer, saving."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from text3dsam_cli.errors import CheckpointError
+from text3dsam_cli.model.config import Text3DSAMConfig
+from text3dsam_cli.model.hub import ModelLocation, hub_cache_dir, hub_offline, resolve_model
+from text3dsam_cli.model.text3dsam import Text3DSAM
+from text3dsam_cli.model.text_encoder import KNOWN_HEADS, infer_text_config, text_config_from_hub
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+TOKENIZER_FILES = ("vocab.txt", "tokenizer.json")
+
+
+def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """Tensors of ``model.safetensors`` (or a sharded index, or ``pytorch_model.bin`` loaded weights-only)."""
+    from safetensors.torch import load_file
+
+    if (folder / "model.safetensors").is_file():
+        try:
+            return load_file(folder / "model.safetensors")
+        except Exception as exc:
+            raise CheckpointError(f"cannot read weights: {exc}", folder / "model.safetensors") from exc
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        tensors: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            tensors.update(load_file(folder / shard))
+        return tensors
+    if (folder / "pytorch_model.bin").is_file():
+        try:
+            return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(f"cannot read weights: {exc}", folder / "pytorch_model.bin") from exc
+    raise CheckpointError("no weights found (expected model.safetensors or pytorch_model.bin)", folder)
+
+
+def read_config(folder: Path) -> Text3DSAMConfig:
+    """The folder's ``config.json`` as a :class:`Text3DSAMConfig` (refusing other model types)."""
+    path = folder / "config.json"
+    if not path.is_file():
+        raise CheckpointError("no config.json: not a Text3DSAM checkpoint folder", folder)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"unreadable config.json ({exc})", path) from exc
+    if data.get("model_type", "med3d_seg") != "med3d_seg":
+        raise CheckpointError(f"model_type is {data.get('model_type')!r}, expected 'med3d_seg'", path)
+    try:
+        return Text3DSAMConfig.from_dict(data)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"invalid config ({exc})", path) from exc
+
+
+def resolve_text_config(config: Text3DSAMConfig, tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """BERT config: stored ``text_config`` > tensor geometry with heads from the HF cache > known table > hub."""
+    if config.text_config:
+        return dict(config.text_config)
+    try:
+        inferred = infer_text_config(tensors, config.text_model)
+    except KeyError as exc:
+        raise CheckpointError(f"missing tensor {exc.args[0]} (needed to size the text encoder)") from exc
+    cached = text_config_from_hub(config.text_model, str(hub_cache_dir()), allow_network=False)
+    if cached is None and config.text_model not in KNOWN_HEADS and not hub_offline():
+        cached = text_config_from_hub(config.text_model, str(hub_cache_dir()), allow_network=True)
+    if cached:
+        # Geometry comes from the tensors (the vocabulary follows the shipped tokenizer); the rest from the hub.
+        for key in ("num_attention_heads", "hidden_act", "layer_norm_eps", "pad_token_id"):
+            if key in cached:
+                inferred[key] = cached[key]
+    return inferred
+
+
+def check_state_dict(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], where: Path) -> None:
+    """Refuse missing, unexpected or mis-shaped tensors, naming the first few of each."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected]
+    mismatched = [f"{k} {tuple(tensors[k].shape)} (model expects {tuple(v.shape)})"
+                  for k, v in expected.items() if k in tensors and tuple(tensors[k].shape) != tuple(v.shape)]
+    problems = []
+    for label, items in (("missing tensor", missing), ("unexpected tensor", unexpected),
+                         ("mis-shaped tensor", mismatched)):
+        if items:
+            more = f" and {len(items) - 3} more" if len(items) > 3 else ""
+            problems.append(f"{label}{'s' if len(items) > 1 else ''} {', '.join(items[:3])}{more}")
+    if problems:
+        raise CheckpointError("checkpoint does not match the Text3DSAM architecture: " + "; ".join(problems),
+                              where)
+
+
+def load_tokenizer(folder: Path, text_model: str) -> Any:
+    """The BERT WordPiece tokenizer shipped with the checkpoint (else the text model's, from the cache)."""
+    from transformers import BertTokenizerFast
+
+    if any((folder / name).is_file() for name in TOKENIZER_FILES):
+        try:
+            return BertTokenizerFast.from_pretrained(str(folder))
+        except Exception as exc:
+            raise CheckpointError(f"cannot load the tokenizer ({exc})", folder) from exc
+    try:
+        return BertTokenizerFast.from_pretrained(text_model, cache_dir=str(hub_cache_dir()),
+                                                 local_files_only=hub_offline())
+    except Exception as exc:
+        raise CheckpointError(f"no tokenizer files (vocab.txt) and none cached for {text_model}", folder) from exc
+
+
+def load_model(source: str | os.PathLike[str] | None = None, revision: str | None = None,
+               device: str | torch.device = "cpu", download: bool = True) -> Text3DSAM:
+    """Load a Text3DSAM model in eval mode from a checkpoint folder or a hub repo id.
+
+    ``source`` defaults to ``$TEXT3DSAM_MODEL`` or the published ``MagicXin/Text3DSAM``. The tokenizer is
+    attached as ``model.tokenizer`` and where the weights came from as ``model.source``.
+    """
+    location = source if isinstance(source, ModelLocation) else resolve_model(source, revision, download)
+    folder = location.path
+    config = read_config(folder)
+    tensors = read_state_dict(folder)
+    config.text_config = resolve_text_config(config, tensors)
+    with torch.device("meta"):
+        skeleton = Text3DSAM(config)
+    check_state_dict(skeleton, tensors, folder)
+    model = Text3DSAM(config)
+    model.load_state_dict(tensors, strict=True)
+    model.tokenizer = load_tokenizer(folder, config.text_model)
+    model.source = location.describe()
+    return model.to(device).eval()
+
+
+def save_model(model: Text3DSAM, folder: str | os.PathLike[str]) -> Path:
+    """Write ``config.json`` (with ``text_config``), ``model.safetensors`` and tokenizer files into ``folder``."""
+    from safetensors.torch import save_file
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    config = model.config.to_dict()
+    config["text_config"] = dict(model.config.text_config or {})
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    tmp = out / ".model.safetensors.tmp"
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    if model.tokenizer is not None:
+        save_tokenizer(model.tokenizer, out)
+    return out
+
+
+def save_tokenizer(tokenizer: Any, folder: Path) -> None:
+    """Tokenizer files, including a plain ``vocab.txt`` that the authors' ``BertTokenizer`` reads too."""
+    tokenizer.save_pretrained(str(folder))
+    vocab = tokenizer.get_vocab()
+    tokens = sorted(vocab, key=vocab.__getitem__)
+    (folder / "vocab.txt").write_text("".join(t + "\n" for t in tokens), encoding="utf-8")
+    special = {name: str(getattr(tokenizer, name)) for name in
+               ("cls_token", "mask_token", "pad_token", "sep_token", "unk_token")}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", encoding="utf-8")

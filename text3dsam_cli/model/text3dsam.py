@@ -1,0 +1,86 @@
+"""``Text3DSAM``: the assembled model with separate ``encode_image`` / ``encode_text`` / ``decode`` steps."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from text3dsam_cli.model.config import Text3DSAMConfig
+from text3dsam_cli.model.decoder import ImageContext, SegDecoder
+from text3dsam_cli.model.image_encoder import ImageEncoder
+from text3dsam_cli.model.text_encoder import build_text_encoder, build_text_projector
+
+
+class Text3DSAM(nn.Module):
+    """Text-prompted 3-D segmentation model (the published ``Med3DSeg``).
+
+    Attribute names (``image_encoder``, ``text_encoder``, ``text_projector``, ``seg_decoder``) are the
+    checkpoint's key prefixes. ``tokenizer`` is attached by :func:`text3dsam_cli.model.load_model`.
+    """
+
+    def __init__(self, config: Text3DSAMConfig) -> None:
+        super().__init__()
+        if config.text_config is None:
+            raise ValueError("config.text_config must be resolved before building the model")
+        self.config = config
+        self.image_encoder = ImageEncoder()
+        self.text_encoder = build_text_encoder(config.text_config)
+        self.text_projector = build_text_projector(config.text_config["hidden_size"], config.embed_dim)
+        self.seg_decoder = SegDecoder(config.embed_dim, config.feat_size, config.pass_num,
+                                      config.transformer_depth, config.mlp_dim, config.num_heads)
+        self.tokenizer: Any = None
+        self.source: dict[str, Any] = {}
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the model's parameters."""
+        return next(self.parameters()).device
+
+    def encode_image(self, image: torch.Tensor) -> ImageContext:
+        """(1,1,D,H,W) float image in 0..255 at ``config.image_size`` -> decoder context for that image."""
+        expected = tuple(self.config.image_size)
+        if tuple(image.shape[2:]) != expected:
+            raise ValueError(f"image must be resized to {expected} first, got {tuple(image.shape[2:])}")
+        return self.seg_decoder.prepare(self.image_encoder(image))
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Token ids (K,L) -> (K, embed_dim) prompt embeddings ([CLS] state through the projector)."""
+        hidden = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.text_projector(hidden[:, 0])
+
+    def tokenize(self, prompts: list[str], max_length: int = 512) -> dict[str, torch.Tensor]:
+        """Tokenize with dynamic padding (the [CLS] embedding does not depend on padding length)."""
+        if self.tokenizer is None:
+            raise RuntimeError("no tokenizer attached; load the model with load_model()")
+        tokens = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=max_length,
+                                return_tensors="pt")
+        return {"input_ids": tokens["input_ids"].to(self.device),
+                "attention_mask": tokens["attention_mask"].to(self.device)}
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Free-text prompts -> (K, embed_dim) embeddings."""
+        tokens = self.tokenize(prompts)
+        return self.encode_text(tokens["input_ids"], tokens["attention_mask"])
+
+    def decode(self, ctx: ImageContext, text_embeddings: torch.Tensor) -> torch.Tensor:
+        """Image context + (K, embed_dim) prompt embeddings -> (K,1,D/4,H/4,W/4) low-resolution logits."""
+        return self.seg_decoder(ctx, text_embeddings)
+
+    def forward(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Training forward: (B,1,D,H,W) images with one prompt each -> (B,1,D/4,H/4,W/4) logits."""
+        text = self.encode_text(input_ids, attention_mask)
+        ctx = self.seg_decoder.prepare(self.image_encoder(image))
+        return self.seg_decoder(ctx, text)
+
+    @torch.no_grad()
+    def generate(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The authors' ``generate``: low-resolution logits for (B,1,D,H,W) images and one prompt per image."""
+        return self.forward(image, input_ids, attention_mask)
+
+    def save_pretrained(self, folder: str) -> None:
+        """Write ``config.json`` (with ``text_config``), ``model.safetensors`` and the tokenizer files."""
+        from text3dsam_cli.model.loading import save_model
+
+        save_model(self, folder)
