@@ -1,11 +1,128 @@
-"""``text3dsam segment`` (placeholder until inference lands)."""
+"""``text3dsam segment``: thin wrapper over :mod:`text3dsam_cli.pipeline`."""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from typing import Any
 
 import typer
 
-from text3dsam_cli.cli.app import app, fail
+from text3dsam_cli.cli.app import app, err_console, handle_errors, is_debug
+from text3dsam_cli.cli.model_cmds import MODEL_HELP
+from text3dsam_cli.errors import UsageError
 
 
-@app.command("segment", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def segment_command(ctx: typer.Context) -> None:
-    """Segment 3-D images from free-text prompts."""
-    fail("`text3dsam segment` is not available yet", 2)
+def _parse_spacing(text: str | None) -> tuple[float, float, float] | None:
+    if not text:
+        return None
+    try:
+        values = [float(v) for v in text.replace("x", ",").split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if len(values) == 1:
+        values *= 3
+    if len(values) != 3 or min(values) <= 0:
+        raise UsageError(f"--spacing {text!r}: give one or three positive numbers in mm (x,y,z), e.g. 1.5,1.5,3")
+    return values[0], values[1], values[2]
+
+
+@app.command("segment")
+@handle_errors
+def segment_command(
+    input: str = typer.Argument(..., help="NIfTI/NRRD/MHA file, DICOM series folder, challenge .npz, a folder of "
+                                "those, or '-' to read paths from stdin (one per line).", show_default=False),
+    prompts: list[str] = typer.Argument(None, help="Free-text prompts; label values 1..K in this order. "
+                                        "Optional for challenge npz that carry text_prompts.", show_default=False),
+    output: str = typer.Option(None, "--output", "-o", help="Output file (.nii.gz/.nii/.nrrd/.mha/.npz, one input) "
+                               "or folder (created). Default: ./text3dsam_output/."),
+    model: str = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    revision: str = typer.Option(None, "--revision", help="Branch, tag or commit of the hub repo."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps."),
+    precision: str = typer.Option("auto", "--precision", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16."),
+    mode: str = typer.Option("auto", "--mode", help="whole (resize the volume to the model input, the paper's "
+                             "way), sliding (windows at --spacing), auto (the checkpoint's recorded choice)."),
+    spacing: str = typer.Option(None, "--spacing", help="Sliding-window target spacing in mm, 'x,y,z' or one "
+                                "number (default: the checkpoint's, else the input's)."),
+    overlap: float = typer.Option(0.5, "--overlap", help="Sliding-window overlap (0..1)."),
+    sw_batch_size: int = typer.Option(2, "--sw-batch-size", help="Windows encoded per batch."),
+    fmt: str = typer.Option(None, "--format", help="Output format in folder mode: nii.gz, nii, nrrd, mha, npz "
+                            "(default: npz for npz inputs, else nii.gz)."),
+    series: str = typer.Option(None, "--series", help="SeriesInstanceUID to read from a DICOM folder "
+                               "(default: the series with the most files)."),
+    modality: str = typer.Option(None, "--modality", help="CT, MR, PT, US, ... (default: DICOM tag, else a "
+                                 "heuristic: CT if the minimum is below -500)."),
+    window: str = typer.Option("soft_tissue", "--window", help="CT window: soft_tissue (W400/L40), lung "
+                               "(W1500/L-600), bone (W1500/L500) or 'level,width'."),
+    split: bool = typer.Option(False, "--split", help="Also write one binary mask per prompt."),
+    probabilities: bool = typer.Option(False, "--probabilities", help="Also write per-prompt probabilities "
+                                       "(float16 in npz, float32 in NIfTI/NRRD/MHA)."),
+    preview: bool = typer.Option(False, "--preview", help="Also write a PNG: three orthogonal slices per label."),
+    dicom_seg: bool = typer.Option(False, "--dicom-seg", help="Also write a DICOM-SEG (DICOM inputs; needs the "
+                                   "'dicomseg' extra: pip install 'text3dsam-cli[dicomseg]')."),
+    skip_existing: bool = typer.Option(False, "--skip-existing", help="Skip inputs whose output already exists."),
+    shard: str = typer.Option(None, "--shard", help="Process shard i of n of the input list ('i/n', 1-based), "
+                              "for cluster job arrays."),
+    threads: int = typer.Option(None, "--threads", help="CPU threads for torch."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or log output on stderr."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout instead of output paths."),
+) -> None:
+    """Segment 3-D images from free-text prompts.
+
+    Writes a label map on the input's exact grid (label k = k-th prompt), a JSON sidecar with prompts, volumes
+    and timings, and optional extras. stdout lists each written label map, one per line; logs go to stderr.
+    Exit status: 0 all inputs done, 1 some input failed (the others are still written), 2 usage error.
+    """
+    from text3dsam_cli.devices import set_threads
+    from text3dsam_cli.inference import Segmenter
+    from text3dsam_cli.io import expand_inputs, select_shard
+    from text3dsam_cli.model import load_model
+    from text3dsam_cli.pipeline import SegmentOptions, SegmentRun
+
+    prompts = list(prompts or [])
+    if any(not p.strip() for p in prompts):
+        raise UsageError("empty prompt: every PROMPT must contain text")
+    target_spacing = _parse_spacing(spacing)
+    set_threads(threads)
+    items = select_shard(expand_inputs([input], stdin=sys.stdin if input == "-" else None), shard)
+    options = SegmentOptions(output=output, fmt=fmt, series_uid=series, modality=modality, window=window,
+                             split=split, probabilities=probabilities, preview=preview, dicom_seg=dicom_seg,
+                             skip_existing=skip_existing)
+    if not quiet:
+        err_console.print(f"[dim]{len(items)} input(s); loading model…[/]")
+    net = load_model(model, revision)
+    segmenter = Segmenter(net, device=device, precision=precision, mode=mode, spacing=target_spacing,
+                          overlap=overlap, sw_batch_size=sw_batch_size)
+    if not quiet:
+        where = net.source.get("model")
+        err_console.print(f"[dim]model {where} on {segmenter.device} ({segmenter.mode} volume mode)[/]")
+
+    def on_event(kind: str, data: dict[str, Any]) -> None:
+        if kind != "done":
+            return
+        outcome = data["outcome"]
+        if outcome.status == "ok" and not as_json:
+            typer.echo(outcome.outputs[0])
+            sys.stdout.flush()
+        if quiet:
+            return
+        if outcome.status == "ok":
+            err_console.print(f"[green]done[/] {outcome.input} [dim]({outcome.seconds:.1f} s)[/]", highlight=False)
+        elif outcome.status == "skipped":
+            err_console.print(f"[yellow]skipped[/] {outcome.input} (output exists)", highlight=False)
+        else:
+            if is_debug() and outcome.exception is not None:
+                err_console.print("".join(traceback.format_exception(outcome.exception)), markup=False)
+            err_console.print(f"[bold red]error:[/] {outcome.error}", highlight=False, soft_wrap=True)
+
+    summary = SegmentRun(segmenter, prompts, options, on_event).run(items)
+    if as_json:
+        typer.echo(json.dumps(summary.to_dict(), indent=2))
+    if not quiet:
+        info = summary.to_dict()
+        rate = f", {info['images_per_minute']} images/min" if info["images_per_minute"] else ""
+        err_console.print(f"{info['succeeded']} done, {info['skipped']} skipped, {info['failed']} failed "
+                          f"in {summary.seconds:.1f} s{rate}")
+    if summary.failed:
+        raise typer.Exit(1)

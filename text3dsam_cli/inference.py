@@ -1,0 +1,294 @@
+"""Inference strategies: whole-volume (the paper's) and sliding-window, with a running argmax on the input grid.
+
+Both strategies produce one low-resolution logit field per prompt covering the whole image; a single
+upsampling step then brings it to the input grid chunk by chunk along z, taking sigmoid and a running max,
+so K full-resolution probability volumes never exist at once.
+
+The label rule is the authors' (``pred.py``): background probability = 1 - max prompt probability, label =
+argmax over [background, prompt 1, ..., prompt K] with ties going to the earlier entry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from text3dsam_cli.devices import autocast_dtype, resolve_device
+from text3dsam_cli.errors import UsageError
+from text3dsam_cli.model import Text3DSAM
+
+log = logging.getLogger(__name__)
+
+MODES = ("auto", "whole", "sliding")
+
+
+@dataclass
+class SegmentationResult:
+    """A label map on the input grid plus what produced it."""
+
+    labels: np.ndarray  # (z, y, x) uint8 (uint16 when a label value exceeds 255)
+    label_values: list[int]
+    prompts: list[str]
+    probabilities: np.ndarray | None = None  # (K, z, y, x) float16, only when requested
+    mode: str = "whole"
+    device: str = "cpu"
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _source_index(in_size: int, out_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor,
+                                                                               torch.Tensor]:
+    """Linear-interpolation indices and weights of PyTorch's ``align_corners=False`` rule along one axis."""
+    scale = in_size / out_size
+    src = ((torch.arange(out_size, device=device, dtype=torch.float32) + 0.5) * scale - 0.5).clamp_(min=0)
+    i0 = src.floor().long().clamp_(max=in_size - 1)
+    i1 = (i0 + 1).clamp_(max=in_size - 1)
+    return i0, i1, (src - i0).to(torch.float32)
+
+
+def upsample_argmax(logits: torch.Tensor, out_shape: Sequence[int], label_values: Sequence[int],
+                    keep_probabilities: bool = False, chunk_voxels: int = 1 << 22,
+                    ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Low-res logits (K, d, h, w) -> label map on ``out_shape`` (trilinear, align_corners=False).
+
+    Trilinear interpolation is separable: each z-chunk is built from the (at most chunk+1) source slices it
+    needs, resized bilinearly in (y, x) and blended linearly in z. Probabilities are compared in float32,
+    like the authors' code, so ties between saturated probabilities resolve the same way.
+    """
+    k, d, _, _ = logits.shape
+    out_d, out_h, out_w = (int(s) for s in out_shape)
+    device = logits.device
+    logits = logits.float()
+    dtype = np.uint8 if max(label_values, default=0) <= 255 else np.uint16
+    labels = np.zeros((out_d, out_h, out_w), dtype=dtype)
+    probs = np.zeros((k, out_d, out_h, out_w), dtype=np.float16) if keep_probabilities else None
+    lut = torch.tensor([0, *label_values], dtype=torch.int64, device=device)
+    i0, i1, wz = _source_index(d, out_d, device)
+    step = max(1, chunk_voxels // max(1, out_h * out_w))
+    for z0 in range(0, out_d, step):
+        z1 = min(out_d, z0 + step)
+        lo, hi = int(i0[z0]), int(i1[z1 - 1]) + 1
+        a, b = i0[z0:z1] - lo, i1[z0:z1] - lo
+        w = wz[z0:z1].view(-1, 1, 1)
+        best = torch.zeros((z1 - z0, out_h, out_w), dtype=torch.float32, device=device)
+        best_idx = torch.zeros((z1 - z0, out_h, out_w), dtype=torch.int64, device=device)
+        for j in range(k):
+            slab = F.interpolate(logits[j : j + 1, lo:hi], size=(out_h, out_w), mode="bilinear",
+                                 align_corners=False)[0]
+            p = torch.sigmoid(torch.lerp(slab[a], slab[b], w))
+            if probs is not None:
+                probs[j, z0:z1] = p.to(torch.float16).cpu().numpy()
+            better = p > best
+            best = torch.where(better, p, best)
+            best_idx.masked_fill_(better, j + 1)
+        # Background (1 - max p) wins ties, as argmax over [background, prompts...] does.
+        best_idx.masked_fill_((1.0 - best).clamp_(0, 1) >= best, 0)
+        labels[z0:z1] = lut[best_idx].cpu().numpy().astype(dtype)
+    return labels, probs
+
+
+def gaussian_weights(size: Sequence[int], sigma_scale: float = 0.125) -> torch.Tensor:
+    """Separable Gaussian importance map (sigma = size/8, as nnU-Net and MONAI), normalised to max 1."""
+    axes = []
+    for n in size:
+        x = torch.arange(n, dtype=torch.float32) - (n - 1) / 2
+        sigma = max(n * sigma_scale, 1e-3)
+        axes.append(torch.exp(-0.5 * (x / sigma) ** 2))
+    w = axes[0].view(-1, 1, 1) * axes[1].view(1, -1, 1) * axes[2].view(1, 1, -1)
+    return (w / w.max()).clamp_(min=1e-3)
+
+
+def window_starts(size: int, window: int, step: int) -> list[int]:
+    """Start offsets covering [0, size) with windows of ``window`` (last one flush with the end)."""
+    if size <= window:
+        return [0]
+    starts = list(range(0, size - window + 1, step))
+    if starts[-1] != size - window:
+        starts.append(size - window)
+    return starts
+
+
+class Segmenter:
+    """Model + device policy + prompt-embedding cache, built once and reused for a whole batch of images.
+
+    ``mode`` ``auto`` follows the checkpoint's ``config.inference.mode`` (default ``whole``).
+    ``spacing`` (x, y, z mm) is the sliding-window target spacing; None keeps the input spacing.
+    """
+
+    def __init__(self, model: Text3DSAM, device: str | torch.device = "auto", precision: str = "auto",
+                 mode: str = "auto", spacing: Sequence[float] | None = None, overlap: float = 0.5,
+                 sw_batch_size: int = 2, prompt_batch_size: int = 16) -> None:
+        if mode not in MODES:
+            raise UsageError(f"unknown inference mode {mode!r} (use {', '.join(MODES)})")
+        if not 0 <= overlap < 1:
+            raise UsageError("--overlap must be in [0, 1)")
+        recipe = model.config.inference or {}
+        self.mode = recipe.get("mode", "whole") if mode == "auto" else mode
+        recorded = recipe.get("spacing")
+        self.spacing = tuple(float(s) for s in (spacing or recorded)) if (spacing or recorded) else None
+        self.overlap = overlap
+        self.sw_batch_size = max(1, sw_batch_size)
+        self.prompt_batch_size = max(1, prompt_batch_size)
+        self.precision = precision
+        self.device = resolve_device(device) if not isinstance(device, torch.device) else device
+        self.amp_dtype = autocast_dtype(self.device, precision)
+        self.model = model.to(self.device).eval()
+        self._prompt_cache: dict[str, torch.Tensor] = {}
+
+    # -- prompts -------------------------------------------------------------------------------------------
+    def embed_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """(K, C) embeddings; each distinct prompt is encoded once per Segmenter."""
+        todo = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
+        for start in range(0, len(todo), self.prompt_batch_size):
+            batch = todo[start : start + self.prompt_batch_size]
+            with torch.inference_mode(), self._autocast():
+                emb = self.model.encode_prompts(batch).float()
+            for prompt, vector in zip(batch, emb):
+                self._prompt_cache[prompt] = vector
+        return torch.stack([self._prompt_cache[p] for p in prompts])
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    # -- strategies ----------------------------------------------------------------------------------------
+    def low_res_logits(self, image: torch.Tensor, text: torch.Tensor, spacing: Sequence[float] | None,
+                       ) -> tuple[torch.Tensor, str]:
+        """(D,H,W) float image 0..255 on device -> (K, d, h, w) logits covering the whole image."""
+        if self.mode == "sliding":
+            return self._sliding(image, text, spacing), "sliding"
+        return self._whole(image, text), "whole"
+
+    def _decode(self, ctx: Any, text: torch.Tensor) -> torch.Tensor:
+        out = []
+        for start in range(0, text.shape[0], self.prompt_batch_size):
+            out.append(self.model.decode(ctx, text[start : start + self.prompt_batch_size]).float())
+        return torch.cat(out)[:, 0]
+
+    def _whole(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        size = tuple(self.model.config.image_size)
+        with torch.inference_mode(), self._autocast():
+            x = F.interpolate(image[None, None], size=size, mode="trilinear", align_corners=False)
+            ctx = self.model.encode_image(x)
+            return self._decode(ctx, text.to(x.dtype) if self.amp_dtype is None else text)
+
+    def _sliding(self, image: torch.Tensor, text: torch.Tensor, spacing: Sequence[float] | None) -> torch.Tensor:
+        window = tuple(self.model.config.image_size)
+        shape = tuple(image.shape)
+        if self.spacing and spacing:
+            # spacing is (x, y, z); the array is (z, y, x)
+            target = [shape[i] * float(spacing[2 - i]) / self.spacing[2 - i] for i in range(3)]
+        else:
+            target = list(shape)
+        # Resampled grid in multiples of 4 so window offsets map exactly onto the 1/4-resolution canvas.
+        grid = [max(4, round(t / 4) * 4) for t in target]
+        padded = [max(g, w) for g, w in zip(grid, window)]
+        steps = [max(4, int(w * (1 - self.overlap)) // 4 * 4) for w in window]
+        starts = [window_starts(p, w, s) for p, w, s in zip(padded, window, steps)]
+        k = text.shape[0]
+        low = [p // 4 for p in padded]
+        win_low = [w // 4 for w in window]
+        canvas = torch.zeros((k, *low), dtype=torch.float32, device=image.device)
+        weight = torch.zeros(low, dtype=torch.float32, device=image.device)
+        importance = gaussian_weights(win_low).to(image.device)
+        positions = [(a, b, c) for a in starts[0] for b in starts[1] for c in starts[2]]
+        with torch.inference_mode():
+            resampled = F.interpolate(image[None, None], size=grid, mode="trilinear", align_corners=False)
+            resampled = F.pad(resampled, [0, padded[2] - grid[2], 0, padded[1] - grid[1], 0, padded[0] - grid[0]])
+            for first in range(0, len(positions), self.sw_batch_size):
+                batch = positions[first : first + self.sw_batch_size]
+                windows = torch.cat([resampled[..., a : a + window[0], b : b + window[1], c : c + window[2]]
+                                     for a, b, c in batch])
+                with self._autocast():
+                    features = self.model.image_encoder(windows)
+                for i, (a, b, c) in enumerate(batch):
+                    with self._autocast():
+                        ctx = self.model.seg_decoder.prepare([f[i : i + 1] for f in features])
+                        logits = self._decode(ctx, text)
+                    sl = (slice(a // 4, a // 4 + win_low[0]), slice(b // 4, b // 4 + win_low[1]),
+                          slice(c // 4, c // 4 + win_low[2]))
+                    canvas[(slice(None), *sl)] += logits * importance
+                    weight[sl] += importance
+            canvas /= weight
+        g = [x // 4 for x in grid]
+        return canvas[:, : g[0], : g[1], : g[2]]
+
+    # -- public ----------------------------------------------------------------------------------------------
+    def segment(self, image: np.ndarray, prompts: Sequence[str], label_values: Sequence[int] | None = None,
+                spacing: Sequence[float] | None = None, instance: bool = False,
+                keep_probabilities: bool = False) -> SegmentationResult:
+        """Segment a (z, y, x) image already normalised to 0..255; label values default to 1..K."""
+        if not prompts:
+            raise UsageError("no prompts given")
+        if any(not str(p).strip() for p in prompts):
+            raise UsageError("empty prompt")
+        values = list(label_values) if label_values is not None else list(range(1, len(prompts) + 1))
+        if len(values) != len(prompts):
+            raise ValueError("one label value per prompt is needed")
+        try:
+            return self._segment(image, list(prompts), values, spacing, instance, keep_probabilities)
+        except torch.cuda.OutOfMemoryError:
+            if self.device.type != "cuda":
+                raise
+            log.warning("CUDA out of memory; retrying this image on the CPU")
+            torch.cuda.empty_cache()
+            self.device, self.amp_dtype = torch.device("cpu"), None
+            self.model = self.model.to(self.device)
+            self._prompt_cache.clear()
+            return self._segment(image, list(prompts), values, spacing, instance, keep_probabilities)
+
+    def _segment(self, image: np.ndarray, prompts: list[str], values: list[int],
+                 spacing: Sequence[float] | None, instance: bool, keep_probabilities: bool) -> SegmentationResult:
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        if instance:
+            prompts, values = prompts[:1], [1]
+        text = self.embed_prompts(prompts)
+        timings["text"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        tensor = torch.as_tensor(np.ascontiguousarray(image), dtype=torch.float32).to(self.device)
+        logits, mode = self.low_res_logits(tensor, text, spacing)
+        del tensor
+        timings["model"] = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        with torch.inference_mode():
+            labels, probs = upsample_argmax(logits, image.shape, values, keep_probabilities)
+        timings["upsample"] = time.perf_counter() - t2
+        timings["total"] = time.perf_counter() - t0
+        return SegmentationResult(labels, values, prompts, probs, mode, str(self.device), timings)
+
+
+def whole_volume_reference(model: Text3DSAM, image: np.ndarray, prompts: Sequence[str],
+                           label_values: Sequence[int] | None = None) -> np.ndarray:
+    """The authors' ``pred.py`` procedure, step for step, driven through our model (for tests/benchmarks).
+
+    Re-encodes the image for every prompt, pads every prompt to 512 tokens, upsamples every prompt's logits
+    to full resolution and keeps them all before the argmax: slow and memory-hungry on purpose.
+    """
+    values = list(label_values) if label_values is not None else list(range(1, len(prompts) + 1))
+    x = F.interpolate(torch.as_tensor(image, dtype=torch.float32)[None, None],
+                      size=tuple(model.config.image_size), mode="trilinear")
+    probs = []
+    with torch.no_grad():
+        for prompt in prompts:
+            tokens = model.tokenizer(prompt, padding="max_length", truncation=True, max_length=512,
+                                     return_tensors="pt")
+            logits = model.generate(x, tokens["input_ids"], tokens["attention_mask"])
+            logits = F.interpolate(logits, size=tuple(image.shape), mode="trilinear")
+            probs.append(torch.sigmoid(logits)[0, 0])
+        stacked = torch.stack(probs)
+        background = (1.0 - stacked.max(0).values).clamp(0, 1)
+        index = torch.argmax(torch.cat([background[None], stacked]), dim=0)
+    labels = torch.zeros_like(index)
+    for i, value in enumerate(values):
+        labels[index == i + 1] = value
+    return labels.numpy().astype(np.uint8 if max(values) <= 255 else np.uint16)
+
