@@ -1,0 +1,189 @@
+"""DICOM series discovery and reading (SimpleITK/GDCM for pixels and geometry, pydicom for tags).
+
+Series rule: a folder is scanned (not recursively) with GDCM, which groups files by SeriesInstanceUID and
+sorts each series' slices geometrically. Non-image objects (SEG, RTSTRUCT, SR, ...) are ignored. When several
+image series remain, the one with the most files is read (ties: the lexicographically smallest UID), unless
+``series_uid`` names one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import SimpleITK as sitk
+
+from text3dsam_cli.errors import InputError
+from text3dsam_cli.io.readers import first_error_line, volume_from_image
+from text3dsam_cli.io.volume import Volume
+
+#: Modalities of DICOM objects that hold no image volume to segment.
+NON_IMAGE_MODALITIES = frozenset({"SEG", "RTSTRUCT", "RTPLAN", "RTRECORD", "SR", "PR", "KO", "REG", "DOC",
+                                  "FID", "PLAN", "AU", "ECG", "HD"})
+
+_HEADER_TAGS = ["Modality", "SeriesInstanceUID", "SeriesDescription", "StudyInstanceUID", "SOPClassUID",
+                "FrameOfReferenceUID", "PatientID", "SeriesNumber"]
+
+
+@dataclass
+class DicomSeries:
+    """One series in a folder: its UID (may be empty), its files in GDCM's geometric order and a few tags."""
+
+    uid: str
+    files: list[str]
+    modality: str | None = None
+    description: str | None = None
+    study_uid: str | None = None
+    tags: dict[str, Any] = field(default_factory=dict)
+
+
+def is_dicom_file(path: str | os.PathLike[str]) -> bool:
+    """True for a file with the ``DICM`` marker at byte 128 (or a ``.dcm`` suffix)."""
+    path = Path(path)
+    try:
+        if not path.is_file():
+            return False
+        with open(path, "rb") as fp:
+            fp.seek(128)
+            if fp.read(4) == b"DICM":
+                return True
+    except OSError:
+        return False
+    return path.suffix.lower() == ".dcm"
+
+
+def _header(path: str) -> pydicom.Dataset | None:
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=_HEADER_TAGS)
+    except Exception:  # pydicom raises many kinds of errors on broken files
+        return None
+
+
+def _text(ds: pydicom.Dataset | None, keyword: str) -> str | None:
+    if ds is None:
+        return None
+    value = ds.get(keyword)
+    if value is None:
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def folder_has_dicom_images(folder: str | os.PathLike[str]) -> bool:
+    """Cheap test: does the folder directly hold a DICOM file whose modality is an image modality?"""
+    folder = Path(folder)
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError:
+        return False
+    for entry in entries:
+        if entry.name.startswith(".") or not is_dicom_file(entry):
+            continue
+        modality = _text(_header(str(entry)), "Modality")
+        if modality is None or modality.upper() not in NON_IMAGE_MODALITIES:
+            return True
+    return False
+
+
+@contextlib.contextmanager
+def _quiet_itk() -> Iterator[None]:
+    """Silence ITK's warning printer for the duration of a folder scan."""
+    previous = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(previous)
+
+
+def list_series(folder: str | os.PathLike[str]) -> list[DicomSeries]:
+    """Image series in ``folder`` (non-recursive), ordered by the series rule (most files first, then UID)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError("no such folder", folder)
+    try:
+        with _quiet_itk():  # "No Series were found" is a warning on stderr; we raise our own error
+            uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    except RuntimeError as exc:
+        raise InputError(f"cannot scan the folder for DICOM series ({first_error_line(exc)})", folder) from None
+    series = []
+    for uid in uids:
+        with _quiet_itk():
+            files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
+        if not files:
+            continue
+        ds = _header(files[0])
+        modality = _text(ds, "Modality")
+        if modality is not None and modality.upper() in NON_IMAGE_MODALITIES:
+            continue
+        tags = {k: _text(ds, k) for k in ("SOPClassUID", "FrameOfReferenceUID", "SeriesNumber")}
+        if tags["SOPClassUID"] is None and ds is not None:  # anonymised files may keep it only in file meta
+            tags["SOPClassUID"] = _text(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID")
+        series.append(DicomSeries(uid=uid, files=files, modality=modality,
+                                  description=_text(ds, "SeriesDescription"),
+                                  study_uid=_text(ds, "StudyInstanceUID"), tags=tags))
+    series.sort(key=lambda s: (-len(s.files), s.uid))
+    return series
+
+
+def choose_series(folder: str | os.PathLike[str], series_uid: str | None = None,
+                  series: list[DicomSeries] | None = None) -> DicomSeries:
+    """The series to read from ``folder``: ``series_uid`` if given, else the one with the most files."""
+    folder = Path(folder)
+    if series is None:
+        series = list_series(folder)
+    if not series:
+        raise InputError("no DICOM image series in this folder", folder)
+    if series_uid is None:
+        return series[0]
+    for candidate in series:
+        if candidate.uid == series_uid.strip():
+            return candidate
+    available = ", ".join(f"{s.uid or '(empty UID)'} ({len(s.files)} files)" for s in series)
+    raise InputError(f"no series with UID {series_uid!r} here; available: {available}", folder)
+
+
+def read_series(series: DicomSeries, where: str | os.PathLike[str]) -> Volume:
+    """Read the files of one series into a :class:`Volume` (array (z, y, x), native dtype, LPS geometry)."""
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(series.files)
+    try:
+        image = reader.Execute()
+    except RuntimeError as exc:
+        raise InputError(f"cannot read the DICOM series {series.uid or '(empty UID)'} "
+                         f"({first_error_line(exc)})", where) from None
+    meta = {
+        "series_uid": series.uid,
+        "series_description": series.description,
+        "study_uid": series.study_uid,
+        "sop_class_uid": series.tags.get("SOPClassUID"),
+        "frame_of_reference_uid": series.tags.get("FrameOfReferenceUID"),
+        "dicom_files": list(series.files),
+    }
+    return volume_from_image(image, Path(where), "dicom", series.modality, meta)
+
+
+def read_dicom(path: str | os.PathLike[str], series_uid: str | None = None) -> Volume:
+    """A DICOM series from a folder (series rule applies) or from one of its files (that file's series)."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    series = list_series(folder)
+    if path.is_dir() or series_uid is not None:
+        chosen = choose_series(folder, series_uid, series)
+    else:
+        modality = _text(_header(str(path)), "Modality")
+        if modality is not None and modality.upper() in NON_IMAGE_MODALITIES:
+            raise InputError(f"is a DICOM {modality} object, not an image series", path)
+        target = path.resolve()
+        found = [s for s in series if any(Path(f).resolve() == target for f in s.files)]
+        if not found:
+            raise InputError("not a readable DICOM image (GDCM finds no image series for it in its folder)", path)
+        chosen = found[0]
+    volume = read_series(chosen, path)
+    volume.meta["series_available"] = [s.uid for s in series]
+    return volume

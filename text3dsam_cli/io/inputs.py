@@ -1,0 +1,211 @@
+"""Turning command-line input arguments into a list of images to process, and sharding that list.
+
+Rules (see ``docs/formats.md``):
+
+* a file with a known ending (``.nii.gz``, ``.nii``, ``.nrrd``, ``.nhdr``, ``.mha``, ``.mhd``, ``.npz``,
+  ``.dcm``) or any DICOM file is one input (a DICOM file stands for its series);
+* a folder that directly holds DICOM image files and no other image files is one input: a DICOM series;
+* any other folder is a folder of inputs: its image files (hidden files and ``*_gt.npz`` ground-truth files
+  skipped) plus each direct subfolder that is a DICOM series folder; deeper folders are not searched;
+* ``-`` reads more arguments from standard input, one path per line (blank lines ignored).
+
+Each input gets an output ``name``: the input file name for ``.npz`` (the challenge convention), else
+``<stem>.nii.gz``; the stem is the file name without its image ending, or the folder name for DICOM series.
+When two inputs would share a name, their parent folder names are prefixed until the names differ.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from text3dsam_cli.errors import InputError, UsageError
+from text3dsam_cli.io.dicom import folder_has_dicom_images, is_dicom_file
+from text3dsam_cli.io.readers import image_format, strip_image_suffix
+
+GT_SUFFIX = "_gt.npz"
+
+
+@dataclass(frozen=True)
+class InputItem:
+    """One input to process: ``path`` (file or DICOM folder), ``kind`` and the output ``name``/``stem``."""
+
+    path: Path
+    kind: str
+    stem: str
+
+    @property
+    def name(self) -> str:
+        """Output file name: the input name for npz, ``<stem>.nii.gz`` otherwise."""
+        return f"{self.stem}.npz" if self.kind == "npz" else f"{self.stem}.nii.gz"
+
+
+def _file_item(path: Path) -> InputItem | None:
+    fmt = image_format(path)
+    if fmt is None and is_dicom_file(path):
+        fmt = "dicom"
+    if fmt is None:
+        return None
+    stem = strip_image_suffix(path.name)
+    if fmt == "dicom":
+        stem = path.parent.name or stem
+    return InputItem(path=path, kind=fmt, stem=stem)
+
+
+def _is_series_folder(folder: Path) -> bool:
+    """A DICOM series folder: holds DICOM image files and no other image files."""
+    try:
+        files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
+    except OSError:
+        return False
+    if any(image_format(p) not in (None, "dicom") for p in files):
+        return False
+    return folder_has_dicom_images(folder)
+
+
+def _expand_folder(folder: Path) -> list[InputItem]:
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as exc:
+        raise InputError(f"cannot list the folder ({exc.strerror or exc})", folder) from None
+    if _is_series_folder(folder):
+        return [InputItem(path=folder, kind="dicom", stem=folder.name)]
+    items: list[InputItem] = []
+    loose_dicom = False
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            if _is_series_folder(entry):
+                items.append(InputItem(path=entry, kind="dicom", stem=entry.name))
+            continue
+        if entry.name.lower().endswith(GT_SUFFIX):
+            continue
+        fmt = image_format(entry)
+        if fmt in (None, "dicom"):
+            loose_dicom = loose_dicom or is_dicom_file(entry)
+            continue
+        item = _file_item(entry)
+        if item is not None:
+            items.append(item)
+    if loose_dicom and folder_has_dicom_images(folder):
+        items.append(InputItem(path=folder, kind="dicom", stem=folder.name))
+    if not items:
+        raise InputError("no images in this folder (looked for .nii.gz, .nii, .nrrd, .nhdr, .mha, .mhd, "
+                         ".npz files and DICOM series)", folder)
+    return items
+
+
+def _expand_one(arg: str) -> list[InputItem]:
+    path = Path(arg).expanduser()
+    if not path.exists():
+        raise InputError("no such file or folder", path)
+    if path.is_dir():
+        return _expand_folder(path)
+    item = _file_item(path)
+    if item is None:
+        raise InputError("unsupported file type (expected .nii.gz, .nii, .nrrd, .nhdr, .mha, .mhd, .npz, "
+                         "a DICOM file or a folder)", path)
+    return [item]
+
+
+def _read_list(stream: TextIO) -> list[str]:
+    return [line.strip() for line in stream.read().splitlines() if line.strip()]
+
+
+def _anchor(item: InputItem) -> Path:
+    """The folder whose name (and its parents' names) can tell apart inputs that share a stem."""
+    path = item.path.resolve()
+    if item.kind == "dicom" and path.is_file():
+        return path.parent.parent  # the stem is already the series folder's name
+    return path.parent
+
+
+def _output_name(kind: str, stem: str) -> str:
+    return InputItem(Path(), kind, stem).name
+
+
+def _unique_stems(items: list[InputItem]) -> list[InputItem]:
+    """Prefix parent folder names to stems (``case1_dicom``) wherever two inputs would share an output name.
+
+    Inputs that cannot be told apart that way (``x.nii`` and ``x.nii.gz`` in one folder) get ``_1``, ``_2``.
+    """
+    stems = [item.stem for item in items]
+    groups: dict[str, list[int]] = {}
+    for i, item in enumerate(items):
+        groups.setdefault(item.name, []).append(i)
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        anchors = [_anchor(items[i]) for i in members]
+        chains = [[p.name for p in (a, *a.parents) if p.name] for a in anchors]
+        resolved = False
+        if len(set(anchors)) == len(anchors):
+            for level in range(1, max(len(c) for c in chains) + 1):
+                candidates = ["_".join([*reversed(c[:level]), stems[i]]) for c, i in zip(chains, members,
+                                                                                         strict=True)]
+                if len(set(candidates)) == len(candidates):
+                    for i, candidate in zip(members, candidates, strict=True):
+                        stems[i] = candidate
+                    resolved = True
+                    break
+        if not resolved:
+            for number, i in enumerate(members, start=1):
+                stems[i] = f"{stems[i]}_{number}"
+    return [InputItem(path=item.path, kind=item.kind, stem=stem) for item, stem in zip(items, stems, strict=True)]
+
+
+def expand_inputs(args: Sequence[str | os.PathLike[str]], stdin: TextIO | None = None) -> list[InputItem]:
+    """Expand files, folders and ``-`` (paths from ``stdin``, default ``sys.stdin``) into inputs.
+
+    Order follows the arguments (folders sorted by name); the same path given twice is kept once.
+    Missing paths, unsupported files and folders without images raise :class:`InputError`.
+    """
+    pending: list[str] = []
+    for arg in args:
+        text = os.fspath(arg)
+        if text == "-":
+            pending.extend(_read_list(stdin if stdin is not None else sys.stdin))
+        else:
+            pending.append(text)
+    if not pending:
+        raise InputError("no inputs given")
+    items: list[InputItem] = []
+    seen: set[Path] = set()
+    for text in pending:
+        for item in _expand_one(text):
+            key = item.path.resolve()
+            if key not in seen:
+                seen.add(key)
+                items.append(item)
+    return _unique_stems(items)
+
+
+_SHARD = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
+
+
+def parse_shard(spec: str) -> tuple[int, int]:
+    """``"i/n"`` -> ``(i, n)`` with ``1 <= i <= n``; anything else raises :class:`UsageError`."""
+    match = _SHARD.match(spec or "")
+    if match:
+        index, count = int(match.group(1)), int(match.group(2))
+        if 1 <= index <= count:
+            return index, count
+    raise UsageError(f"invalid shard {spec!r}: expected i/n with 1 <= i <= n, e.g. 1/4")
+
+
+def select_shard(items: Iterable[InputItem], spec: str | None) -> list[InputItem]:
+    """The items of shard ``i/n``: sorted by path string, those whose index ``k`` has ``k % n == i - 1``.
+
+    ``spec`` None returns all items, sorted the same way. Every item lands in exactly one of the n shards.
+    """
+    ordered = sorted(items, key=lambda item: str(item.path))
+    if spec is None:
+        return ordered
+    index, count = parse_shard(spec)
+    return [item for k, item in enumerate(ordered) if k % count == index - 1]

@@ -1,0 +1,155 @@
+"""Intensity preprocessing into the model's 0..255 range (float32).
+
+* Challenge ``.npz`` inputs are already 0..255 (the organisers windowed them): returned unchanged.
+* CT: clip to a window (level L, width W: ``[L - W/2, L + W/2]``) and rescale linearly to 0..255.
+  Named windows: ``soft_tissue`` L40/W400 (default), ``lung`` L-600/W1500, ``bone`` L500/W1500; or ``"L,W"``.
+* Every other modality: clip to the 0.5th and 99.5th percentiles of the voxels > 0 and rescale to 0..255;
+  voxels <= 0 end up 0 (all zeros if no voxel is > 0).
+
+The modality is resolved by :func:`resolve_modality`: an explicit override wins, then the DICOM Modality
+tag, then (for NIfTI/NRRD/MetaImage, which carry no modality) a heuristic: CT when the minimum value is
+below -500 (air in Hounsfield units), otherwise MR-like percentile normalisation.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from text3dsam_cli.errors import UsageError
+from text3dsam_cli.io.volume import Volume
+
+#: Named CT windows as (level, width) in Hounsfield units.
+CT_WINDOWS: dict[str, tuple[float, float]] = {
+    "soft_tissue": (40.0, 400.0),
+    "lung": (-600.0, 1500.0),
+    "bone": (500.0, 1500.0),
+}
+DEFAULT_WINDOW = "soft_tissue"
+
+#: Minimum value below which a volume of unknown modality is taken for CT (air is about -1000 HU).
+CT_MINIMUM_THRESHOLD = -500.0
+PERCENTILES = (0.5, 99.5)
+
+_ALIASES = {"MRI": "MR", "PET": "PT", "CT": "CT", "MR": "MR", "PT": "PT", "US": "US",
+            "ULTRASOUND": "US", "MICROSCOPY": "MICROSCOPY"}
+_NPZ_PREFIXES = {"CT": "CT", "MR": "MR", "PET": "PT", "US": "US", "MICROSCOPY": "MICROSCOPY"}
+
+
+@dataclass(frozen=True)
+class ModalityDecision:
+    """Which modality was used, where it came from and how intensities are normalised (for sidecars).
+
+    ``source`` is "override", "dicom", "npz" or "heuristic"; ``normalization`` is "none" (npz),
+    "ct_window" or "percentile"; ``detail`` says why in words.
+    """
+
+    modality: str | None
+    source: str
+    normalization: str
+    detail: str
+
+
+def normalize_modality_name(name: str) -> str:
+    """Canonical modality code ("ct" -> "CT", "MRI" -> "MR", "PET" -> "PT"); unknown names upper-cased."""
+    key = name.strip().upper()
+    return _ALIASES.get(key, key)
+
+
+def _npz_modality(volume: Volume) -> str | None:
+    """Modality from a challenge file name prefix (``CT_...``, ``MR_...``, ``US_...``), if recognisable."""
+    if volume.path is None:
+        return None
+    prefix = volume.path.name.split("_", 1)[0].upper()
+    return _NPZ_PREFIXES.get(prefix)
+
+
+def resolve_modality(volume: Volume, override: str | None = None) -> ModalityDecision:
+    """Decide the modality (and so the normalisation) of ``volume``; see the module docstring for the rule."""
+    if volume.source_format == "npz":
+        modality = normalize_modality_name(override) if override else (volume.modality or _npz_modality(volume))
+        return ModalityDecision(modality, "override" if override else "npz", "none",
+                                "challenge npz images are already normalised to 0..255")
+    if override:
+        modality = normalize_modality_name(override)
+        return ModalityDecision(modality, "override", _normalization(modality), "given explicitly")
+    if volume.modality:
+        modality = normalize_modality_name(volume.modality)
+        return ModalityDecision(modality, "dicom", _normalization(modality), "DICOM Modality tag (0008,0060)")
+    minimum = float(volume.array.min()) if volume.array.size else 0.0
+    if minimum < CT_MINIMUM_THRESHOLD:
+        return ModalityDecision("CT", "heuristic", "ct_window",
+                                f"minimum value {minimum:g} < {CT_MINIMUM_THRESHOLD:g} looks like Hounsfield units")
+    return ModalityDecision("MR", "heuristic", "percentile",
+                            f"minimum value {minimum:g} >= {CT_MINIMUM_THRESHOLD:g}: not CT, "
+                            "using percentile normalisation")
+
+
+def _normalization(modality: str) -> str:
+    return "ct_window" if modality == "CT" else "percentile"
+
+
+_CUSTOM_WINDOW = re.compile(r"^\s*([-+]?\d+(?:\.\d*)?)\s*,\s*([-+]?\d+(?:\.\d*)?)\s*$")
+
+
+def parse_window(window: str | tuple[float, float]) -> tuple[float, float]:
+    """A window name or ``"L,W"`` (level, width in HU) -> ``(level, width)``; bad values raise UsageError."""
+    if isinstance(window, tuple):
+        level, width = (float(v) for v in window)
+    elif window in CT_WINDOWS:
+        level, width = CT_WINDOWS[window]
+    else:
+        match = _CUSTOM_WINDOW.match(window or "")
+        if not match:
+            names = ", ".join(CT_WINDOWS)
+            raise UsageError(f"unknown CT window {window!r}: use one of {names} or 'level,width' (e.g. 40,400)")
+        level, width = float(match.group(1)), float(match.group(2))
+    if not width > 0:
+        raise UsageError(f"CT window width must be positive, got {width:g}")
+    return level, width
+
+
+def window_ct(array: np.ndarray, level: float, width: float) -> np.ndarray:
+    """Clip to ``[level - width/2, level + width/2]`` and rescale to 0..255 (a new float32 array)."""
+    low = level - width / 2.0
+    out = array.astype(np.float32)  # always a copy: the caller's array is never modified
+    np.clip(out, low, low + width, out=out)
+    out -= np.float32(low)
+    out *= np.float32(255.0 / width)
+    return out
+
+
+def percentile_normalize(array: np.ndarray, percentiles: tuple[float, float] = PERCENTILES) -> np.ndarray:
+    """Clip to the given percentiles of the voxels > 0, rescale to 0..255; voxels <= 0 become 0 (float32)."""
+    positive = array[array > 0]
+    if positive.size == 0:
+        return np.zeros(array.shape, dtype=np.float32)
+    low, high = (float(v) for v in np.percentile(positive, percentiles, overwrite_input=True))
+    del positive
+    out = array.astype(np.float32)
+    if high <= low:  # constant foreground: everything > 0 is the brightest value
+        np.greater(out, 0, out=out)
+        out *= np.float32(255.0)
+        return out
+    # low > 0, so voxels <= 0 clip to low and land on 0 after the shift.
+    np.clip(out, low, high, out=out)
+    out -= np.float32(low)
+    out *= np.float32(255.0 / (high - low))
+    return out
+
+
+def normalize_intensity(volume: Volume, modality: str | None = None,
+                        window: str | tuple[float, float] = DEFAULT_WINDOW) -> np.ndarray:
+    """``volume.array`` mapped to 0..255 float32 for the model (see the module docstring for the rule).
+
+    ``modality`` overrides the detected one; ``window`` names the CT window (ignored for other modalities).
+    """
+    decision = resolve_modality(volume, modality)
+    if decision.normalization == "none":
+        return volume.array.astype(np.float32)
+    if decision.normalization == "ct_window":
+        level, width = parse_window(window)
+        return window_ct(volume.array, level, width)
+    return percentile_normalize(volume.array)
