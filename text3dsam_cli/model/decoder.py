@@ -197,7 +197,7 @@ class ImageContext:
     embedding: torch.Tensor  # (1, C, d, h, w): deepest image features
     pe: torch.Tensor  # (1, C, d*h*w): positional encoding of the embedding grid
     skip_s1: torch.Tensor  # (1, C/4, 4d, 4h, 4w): feat_conv1(stage-2 features)
-    skip_s0: torch.Tensor  # (1, C/16, 16d, 16h, 16w): feat_conv0(stage-0 features)
+    skip_s0: torch.Tensor  # (1, 16d, 16h, 16w, C/16): feat_conv0(stage-0 features), channels-last
 
     def to(self, device: torch.device | str) -> ImageContext:
         """Move every tensor to ``device``."""
@@ -241,10 +241,15 @@ class MaskDecoder(nn.Module):
         grid = keys.transpose(1, 2).reshape(k, -1, *self.feat_size)
         # 1x1 convolutions commute with trilinear upsampling: convolve at the lower resolution.
         x = act1(ln1(up1(conv1(grid)) + ctx.skip_s1))
-        x = act2(ln2(up2(conv2(x))) + ctx.skip_s0)
+        # The last stage is elementwise work on (K, 48, 16d, 16h, 16w): run it channels-last so LayerNorm is
+        # one fused kernel over the contiguous channel axis, then contract channels with the per-prompt weights.
+        x = conv2(x).contiguous(memory_format=torch.channels_last_3d)
+        x = F.interpolate(x, size=up2.size, mode="trilinear", align_corners=False).permute(0, 2, 3, 4, 1)
+        x = F.layer_norm(x, (x.shape[-1],), ln2.weight, ln2.bias, ln2.eps)
+        x = F.gelu(x.add_(ctx.skip_s0))
         weights = self.output_hypernetworks_mlps[0](hs[:, 0]) + self.txt_align_upscaled_embedding(text_embedding)
-        masks = torch.einsum("kc,kcn->kn", weights, x.flatten(2)).reshape(k, 1, *x.shape[2:])
-        return masks, hs[:, 0:1]
+        masks = torch.matmul(x.flatten(1, 3), weights.unsqueeze(-1).to(x.dtype))
+        return masks.reshape(k, 1, *x.shape[1:4]), hs[:, 0:1]
 
 
 class SegDecoder(nn.Module):
@@ -262,8 +267,8 @@ class SegDecoder(nn.Module):
         """Image-only part of decoding, from the encoder's five feature maps (batch 1)."""
         md = self.mask_decoder
         pe = self.prompt_encoder.pe_layer(self.feat_size).to(features[4].dtype)
-        return ImageContext(features[4], pe.flatten(1).unsqueeze(0), md.feat_conv1(features[2]),
-                            md.feat_conv0(features[0]))
+        skip_s0 = md.feat_conv0(features[0]).permute(0, 2, 3, 4, 1).contiguous()  # channels-last
+        return ImageContext(features[4], pe.flatten(1).unsqueeze(0), md.feat_conv1(features[2]), skip_s0)
 
     def forward(self, ctx: ImageContext, text_embedding: torch.Tensor) -> torch.Tensor:
         """(K, C) text embeddings -> (K, 1, 16d, 16h, 16w) logits after all refinement passes."""
