@@ -124,7 +124,7 @@ class Segmenter:
 
     def __init__(self, model: Text3DSAM, device: str | torch.device = "auto", precision: str = "auto",
                  mode: str = "auto", spacing: Sequence[float] | None = None, overlap: float = 0.5,
-                 sw_batch_size: int = 2, prompt_batch_size: int = 16) -> None:
+                 sw_batch_size: int = 2, prompt_batch_size: int | None = None) -> None:
         if mode not in MODES:
             raise UsageError(f"unknown inference mode {mode!r} (use {', '.join(MODES)})")
         if not 0 <= overlap < 1:
@@ -135,9 +135,10 @@ class Segmenter:
         self.spacing = tuple(float(s) for s in (spacing or recorded)) if (spacing or recorded) else None
         self.overlap = overlap
         self.sw_batch_size = max(1, sw_batch_size)
-        self.prompt_batch_size = max(1, prompt_batch_size)
         self.precision = precision
         self.device = resolve_device(device) if not isinstance(device, torch.device) else device
+        # Prompts decoded together: bounded on CPU, where the full-resolution decoder stage is memory-bound.
+        self.prompt_batch_size = max(1, prompt_batch_size or (16 if self.device.type == "cuda" else 4))
         self.amp_dtype = autocast_dtype(self.device, precision)
         self.model = model.to(self.device).eval()
         self._prompt_cache: dict[str, torch.Tensor] = {}

@@ -1,0 +1,153 @@
+#!/usr/bin/env python3
+"""`segment` against the authors' inference procedure, on the real 15-class CT case, in one run.
+
+    python benchmarks/bench_segment.py [--case CT_AMOS_amos_0018] [--checkpoint DIR] [--repeat 2]
+
+Each procedure runs in its own worker process (so peak RSS is its own), with the `full` test checkpoint from
+../shared/reference (same architecture and size as the published weights):
+
+* baseline: the authors' `pred.py` procedure driven through our model (`whole_volume_reference`): re-encode
+  the image per prompt, pad prompts to 512 tokens, upsample every prompt to full resolution, argmax at the end;
+* ours: `Segmenter.segment`, what `text3dsam segment` runs (plus `text3dsam segment` end to end, CLI included);
+* per-prompt cost: ours with 1 prompt vs all prompts.
+
+Prints wall times, ratios against the baseline measured in the same run, voxel agreement and peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+CHALLENGE = SHARED / "data" / "challenge"
+
+
+def build_checkpoint(out: Path, variant: str = "full") -> Path:
+    """The shared deterministic checkpoint, written with ../shared/reference/make_test_checkpoint.py."""
+    ref = SHARED / "reference"
+    sys.path.insert(0, str(ref))
+    spec = importlib.util.spec_from_file_location("make_test_checkpoint", ref / "make_test_checkpoint.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.build(str(out), variant)
+    return out
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker(kind: str, checkpoint: str, case: str, repeat: int, out: str) -> None:
+    """Run one procedure `repeat` times; write timings, peak RSS and the label map."""
+    import numpy as np
+
+    from text3dsam_cli.inference import Segmenter, whole_volume_reference
+    from text3dsam_cli.io import read_challenge_npz
+    from text3dsam_cli.model import load_model
+    from text3dsam_cli.pipeline import prompts_for
+
+    model = load_model(checkpoint)
+    volume = read_challenge_npz(CHALLENGE / f"{case}.npz")
+    prompts, values, _ = prompts_for(volume, [])
+    image = volume.array.astype(np.float32)
+    times: dict[str, list[float]] = {}
+    labels = None
+    for _ in range(repeat):
+        if kind == "baseline":
+            t = time.perf_counter()
+            labels = whole_volume_reference(model, image, prompts, values)
+            times.setdefault("all_prompts", []).append(time.perf_counter() - t)
+        else:
+            segmenter = Segmenter(model, device="cpu")
+            t = time.perf_counter()
+            labels = segmenter.segment(image, prompts, values).labels
+            times.setdefault("all_prompts", []).append(time.perf_counter() - t)
+            segmenter = Segmenter(model, device="cpu")
+            t = time.perf_counter()
+            segmenter.segment(image, prompts[:1], values[:1])
+            times.setdefault("one_prompt", []).append(time.perf_counter() - t)
+    np.save(out + ".npy", labels)
+    with open(out, "w") as f:
+        json.dump({"times": times, "rss_mb": peak_rss_mb(), "prompts": len(prompts)}, f)
+
+
+def run_worker(kind: str, checkpoint: Path, case: str, repeat: int, tmp: Path) -> dict:
+    out = tmp / f"{kind}.json"
+    subprocess.run([sys.executable, __file__, "--worker", kind, "--checkpoint", str(checkpoint), "--case", case,
+                    "--repeat", str(repeat), "--out", str(out)], check=True)
+    result = json.loads(out.read_text())
+    result["labels_path"] = str(out) + ".npy"
+    return result
+
+
+def run_cli(checkpoint: Path, case: str, tmp: Path) -> dict:
+    """`text3dsam segment` end to end (process start, model load, read, segment, write)."""
+    out = tmp / "cli"
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "text3dsam_cli", "segment", str(CHALLENGE / f"{case}.npz"),
+                           "-m", str(checkpoint), "-o", str(out), "--quiet", "--device", "cpu"],
+                          capture_output=True, text=True)
+    seconds = time.perf_counter() - t
+    if proc.returncode:
+        raise SystemExit(proc.stderr)
+    return {"seconds": seconds}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--case", default="CT_AMOS_amos_0018")
+    ap.add_argument("--checkpoint", help="checkpoint folder (default: build the shared `full` one)")
+    ap.add_argument("--repeat", type=int, default=2, help="runs per procedure; the best is reported")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker(args.worker, args.checkpoint, args.case, args.repeat, args.out)
+        return
+    import numpy as np
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        checkpoint = Path(args.checkpoint) if args.checkpoint else build_checkpoint(tmp / "ckpt")
+        base = run_worker("baseline", checkpoint, args.case, args.repeat, tmp)
+        ours = run_worker("ours", checkpoint, args.case, args.repeat, tmp)
+        cli = run_cli(checkpoint, args.case, tmp)
+        agreement = float((np.load(base["labels_path"]) == np.load(ours["labels_path"])).mean())
+    t_base = min(base["times"]["all_prompts"])
+    t_ours = min(ours["times"]["all_prompts"])
+    t_one = min(ours["times"]["one_prompt"])
+    k = ours["prompts"]
+    per_prompt = (t_ours - t_one) / max(1, k - 1)
+    rows = [
+        ("case", args.case),
+        ("machine", f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"),
+        ("prompts", k),
+        ("authors' procedure (s)", f"{t_base:.2f}"),
+        ("ours, Segmenter.segment (s)", f"{t_ours:.2f}"),
+        ("speed-up", f"{t_base / t_ours:.1f}x"),
+        ("ours, one prompt (s)", f"{t_one:.2f}"),
+        ("each extra prompt / one full forward", f"{per_prompt / t_one:.1%}"),
+        ("text3dsam segment end to end (s)", f"{cli['seconds']:.2f}"),
+        ("voxel agreement ours vs authors' procedure", f"{agreement:.6%}"),
+        ("peak RSS authors' procedure (MB)", f"{base['rss_mb']:.0f}"),
+        ("peak RSS ours (MB)", f"{ours['rss_mb']:.0f}"),
+        ("peak RSS ours / authors'", f"{ours['rss_mb'] / base['rss_mb']:.2f}"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    main()
