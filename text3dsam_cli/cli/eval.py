@@ -1,11 +1,92 @@
-"""``text3dsam eval`` (placeholder until the evaluation module lands)."""
+"""``text3dsam eval``: score predictions against ground truth with the challenge's metrics."""
+
+from __future__ import annotations
+
+import math
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Any
 
 import typer
+from rich.table import Table
 
-from text3dsam_cli.cli.app import app, fail
+from text3dsam_cli.cli.app import app, err_console, handle_errors
+from text3dsam_cli.evaluation import (
+    INSTANCE_METRICS,
+    SEMANTIC_METRICS,
+    evaluate_folder,
+    modality_of,
+    results_to_json,
+    write_csv,
+    write_json,
+)
+
+METRICS = (*SEMANTIC_METRICS, *INSTANCE_METRICS)
 
 
-@app.command("eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def eval_command(ctx: typer.Context) -> None:
-    """Score predictions against ground truth with the challenge's metrics (DSC, NSD, F1, DSC_TP)."""
-    fail("`text3dsam eval` is not available yet", 2)
+class SpacingOrder(str, Enum):
+    """How the stored (x, y, z) spacing meets the (z, y, x) arrays."""
+
+    xyz = "xyz"
+    zyx = "zyx"
+
+
+def _cell(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.4f}"
+
+
+def _table(results: dict[str, Any]) -> Table:
+    table = Table(title="Evaluation", title_justify="left")
+    table.add_column("case", overflow="fold")
+    table.add_column("group")
+    for metric in METRICS:
+        table.add_column(metric, justify="right")
+    for name, metrics in results["cases"].items():
+        table.add_row(name, modality_of(name), *(_cell(metrics.get(m)) for m in METRICS))
+    table.add_section()
+    for group, summary in results["summary"].items():
+        label = f"mean ({summary['cases']} case{'s' if summary['cases'] != 1 else ''})"
+        style = "bold" if group == "overall" else None
+        table.add_row(label, group, *(_cell(summary.get(m)) for m in METRICS), style=style)
+    return table
+
+
+@app.command("eval")
+@handle_errors
+def eval_command(
+    pred: Path = typer.Option(..., "--pred", help="Folder of predictions (CASE.npz with 'segs', or CASE.nii.gz)."),
+    gt: Path = typer.Option(..., "--gt", help="Folder of ground truth (CASE_gt.npz / CASE.npz with 'gts', or "
+                            "CASE.nii.gz)."),
+    images: Path | None = typer.Option(None, "--images", help="Folder of the challenge image npz files "
+                                       "(spacing, text_prompts); default: taken from the ground-truth folder."),
+    labels: Path | None = typer.Option(None, "--labels", help='Labels JSON {"1": "liver", ...}: the classes '
+                                       "to score when the files carry no prompts (default: all labels in the "
+                                       "ground truth)."),
+    json_out: str | None = typer.Option(None, "--json", help="Write all results as JSON to this file "
+                                        "('-' for stdout)."),
+    csv_out: Path | None = typer.Option(None, "--csv", help="Write one row per case to this CSV file."),
+    spacing_order: SpacingOrder = typer.Option(SpacingOrder.xyz, "--spacing-order", help="xyz: pass the stored "
+                                               "(x, y, z) spacing unchanged against the (z, y, x) arrays, as "
+                                               "the official script does; zyx: reverse it (physically right)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print no table or progress."),
+) -> None:
+    """Score predictions with the challenge's metrics: DSC and NSD (semantic), F1 and DSC_TP (instance)."""
+
+    def progress(name: str, index: int, total: int) -> None:
+        if not quiet:
+            err_console.print(f"[dim][{index + 1}/{total}] {name}[/]", highlight=False)
+
+    results = evaluate_folder(pred, gt, images_dir=images, spacing_order=spacing_order.value,
+                              labels_json=labels, on_case=progress)
+    if not quiet:
+        err_console.print(_table(results))
+    if csv_out is not None:
+        write_csv(results, csv_out)
+    if json_out == "-":
+        sys.stdout.write(results_to_json(results))
+        sys.stdout.flush()
+    elif json_out is not None:
+        write_json(results, json_out)
