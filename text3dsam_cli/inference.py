@@ -58,39 +58,39 @@ def upsample_argmax(logits: torch.Tensor, out_shape: Sequence[int], label_values
                     ) -> tuple[np.ndarray, np.ndarray | None]:
     """Low-res logits (K, d, h, w) -> label map on ``out_shape`` (trilinear, align_corners=False).
 
-    Trilinear interpolation is separable: each z-chunk is built from the (at most chunk+1) source slices it
-    needs, resized bilinearly in (y, x) and blended linearly in z. Probabilities are compared in float32,
-    like the authors' code, so ties between saturated probabilities resolve the same way.
+    Trilinear interpolation is separable: the z axis is interpolated first at low resolution (cheap), then
+    each z-chunk is resized bilinearly in (y, x) straight into its full-resolution slab, so each prompt costs
+    one pass over the output. Probabilities are compared in float32, like the authors' code, so ties between
+    saturated probabilities resolve the same way (to the earlier prompt).
     """
     k, d, _, _ = logits.shape
     out_d, out_h, out_w = (int(s) for s in out_shape)
     device = logits.device
+    i0, i1, wz = _source_index(d, out_d, device)
     logits = logits.float()
+    z_up = torch.lerp(logits[:, i0], logits[:, i1], wz.view(1, -1, 1, 1))  # (K, out_d, h, w)
     dtype = np.uint8 if max(label_values, default=0) <= 255 else np.uint16
     labels = np.zeros((out_d, out_h, out_w), dtype=dtype)
     probs = np.zeros((k, out_d, out_h, out_w), dtype=np.float16) if keep_probabilities else None
     lut = torch.tensor([0, *label_values], dtype=torch.int64, device=device)
-    i0, i1, wz = _source_index(d, out_d, device)
     step = max(1, chunk_voxels // max(1, out_h * out_w))
     for z0 in range(0, out_d, step):
         z1 = min(out_d, z0 + step)
-        lo, hi = int(i0[z0]), int(i1[z1 - 1]) + 1
-        a, b = i0[z0:z1] - lo, i1[z0:z1] - lo
-        w = wz[z0:z1].view(-1, 1, 1)
         best = torch.zeros((z1 - z0, out_h, out_w), dtype=torch.float32, device=device)
-        best_idx = torch.zeros((z1 - z0, out_h, out_w), dtype=torch.int64, device=device)
+        best_idx = torch.zeros((z1 - z0, out_h, out_w), dtype=torch.uint8 if k < 255 else torch.int64,
+                               device=device)
+        better = torch.empty((z1 - z0, out_h, out_w), dtype=torch.bool, device=device)
         for j in range(k):
-            slab = F.interpolate(logits[j : j + 1, lo:hi], size=(out_h, out_w), mode="bilinear",
-                                 align_corners=False)[0]
-            p = torch.sigmoid(torch.lerp(slab[a], slab[b], w))
+            p = F.interpolate(z_up[j : j + 1, z0:z1], size=(out_h, out_w), mode="bilinear",
+                              align_corners=False)[0].sigmoid_()
             if probs is not None:
                 probs[j, z0:z1] = p.to(torch.float16).cpu().numpy()
-            better = p > best
-            best = torch.where(better, p, best)
+            torch.gt(p, best, out=better)
+            torch.maximum(best, p, out=best)
             best_idx.masked_fill_(better, j + 1)
         # Background (1 - max p) wins ties, as argmax over [background, prompts...] does.
-        best_idx.masked_fill_((1.0 - best).clamp_(0, 1) >= best, 0)
-        labels[z0:z1] = lut[best_idx].cpu().numpy().astype(dtype)
+        best_idx.masked_fill_(torch.rsub(best, 1.0).clamp_(0, 1) >= best, 0)
+        labels[z0:z1] = lut[best_idx.long()].cpu().numpy().astype(dtype)
     return labels, probs
 
 
