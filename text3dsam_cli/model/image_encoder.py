@@ -32,7 +32,20 @@ class DecomposedConv3d(nn.Module):
             setattr(self, name, nn.Sequential(conv, nn.BatchNorm3d(out_dim) if norm else nn.Identity()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c1(x) + self.c2(x) + self.c3(x)
+        if self.training:
+            return self.c1(x) + self.c2(x) + self.c3(x)
+        # Inference: fold each BatchNorm into its convolution (exact up to rounding) and sum in place.
+        out = None
+        for branch in (self.c1, self.c2, self.c3):
+            conv, norm = branch[0], branch[1]
+            weight, bias = conv.weight, conv.bias
+            if isinstance(norm, nn.BatchNorm3d):
+                scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
+                weight = weight * scale.view(-1, 1, 1, 1, 1)
+                bias = (bias - norm.running_mean) * scale + norm.bias
+            y = F.conv3d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+            out = y if out is None else out.add_(y)
+        return out
 
 
 class ChannelMLP(nn.Module):
