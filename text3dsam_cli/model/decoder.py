@@ -304,7 +304,7 @@ class MaskDecoder(nn.Module):
         tokens = torch.cat([self.mask_tokens.weight.unsqueeze(0).expand(k, -1, -1), sparse], dim=1)
         src = (ctx.embedding + dense).expand(k, -1, -1, -1, -1).flatten(2)
         hs, keys = self.transformer(src, ctx.pe, tokens)
-        up1, conv1, ln1, act1, up2, conv2, ln2, _ = self.output_upscaling
+        up1, conv1, ln1, act1, up2, conv2, _, _ = self.output_upscaling
         grid = keys.transpose(1, 2).reshape(k, -1, *self.feat_size)
         # 1x1 convolutions commute with trilinear upsampling: convolve at the lower resolution.
         x = act1(ln1(up1(conv1(grid)) + ctx.skip_s1))
