@@ -188,8 +188,9 @@ class SegmentRun:
     """Runs a list of inputs through one :class:`Segmenter`, reading the next input while the current one infers."""
 
     def __init__(self, segmenter: Segmenter, prompts: Sequence[str], options: SegmentOptions,
-                 on_event: Callable[[str, dict[str, Any]], None] | None = None) -> None:
+                 on_event: Callable[[str, dict[str, Any]], None] | None = None, read_ahead: int = 1) -> None:
         self.segmenter = segmenter
+        self.read_ahead = max(0, read_ahead)
         self.prompts = [str(p) for p in prompts]
         if any(not p.strip() for p in self.prompts):
             raise UsageError("empty prompt: prompts must contain text")
@@ -200,14 +201,19 @@ class SegmentRun:
         return read_volume(item.path, series_uid=self.options.series_uid)
 
     def _prefetched(self, items: Sequence[InputItem], todo: Sequence[bool]) -> Iterator[tuple[InputItem, Future]]:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="text3dsam-read") as pool:
-            pending = [pool.submit(self._read, it) if do else None for it, do in zip(items[:1], todo[:1])]
+        """Yield (item, future volume); with ``read_ahead`` the next inputs are read while this one infers."""
+        workers = max(1, self.read_ahead)
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="text3dsam-read") as pool:
+            pending: dict[int, Future] = {}
             for index, item in enumerate(items):
-                nxt = index + 1
-                if nxt < len(items):
-                    pending.append(pool.submit(self._read, items[nxt]) if todo[nxt] else None)
-                yield item, pending[index]
-                pending[index] = None  # free the volume as soon as it is done
+                for ahead in range(index, min(len(items), index + 1 + self.read_ahead)):
+                    if ahead not in pending and todo[ahead]:
+                        pending[ahead] = pool.submit(self._read, items[ahead])
+                future = pending.pop(index, None)
+                if future is None:  # skipped input: nothing to read
+                    future = Future()
+                    future.set_result(None)
+                yield item, future
 
     def run(self, items: Sequence[InputItem]) -> RunSummary:
         """Process every input; failures are recorded, never raised (except usage errors)."""
