@@ -317,8 +317,13 @@ class MaskDecoder(nn.Module):
         # The last stage is elementwise work on (K, 48, 16d, 16h, 16w): run it channels-last so LayerNorm is
         # one fused kernel over the contiguous channel axis, then contract channels with the per-prompt weights.
         x = x.contiguous(memory_format=torch.channels_last_3d)
-        x = F.interpolate(x, size=up2.size, mode="trilinear", align_corners=False).permute(0, 2, 3, 4, 1)
-        return self._masks(x, ctx.skip_s0, weights), hs[:, 0:1]
+        if torch.is_grad_enabled():
+            x = F.interpolate(x, size=up2.size, mode="trilinear", align_corners=False).permute(0, 2, 3, 4, 1)
+            return self._masks(x, ctx.skip_s0, weights), hs[:, 0:1]
+        # Inference: one prompt at a time through the full-resolution stage bounds its memory.
+        masks = [self._masks(F.interpolate(x[i : i + 1], size=up2.size, mode="trilinear", align_corners=False)
+                             .permute(0, 2, 3, 4, 1), ctx.skip_s0, weights[i : i + 1]) for i in range(k)]
+        return torch.cat(masks), hs[:, 0:1]
 
 
 class SegDecoder(nn.Module):
