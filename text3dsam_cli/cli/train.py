@@ -1,17 +1,242 @@
-"""``text3dsam train`` and ``text3dsam finetune`` (placeholders until the training module lands)."""
+"""``text3dsam train`` (from scratch) and ``text3dsam finetune``: thin wrappers over :mod:`text3dsam_cli.training`."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import typer
 
-from text3dsam_cli.cli.app import app, fail
+from text3dsam_cli.cli.app import app, err_console, handle_errors
+from text3dsam_cli.cli.model_cmds import MODEL_HELP
+from text3dsam_cli.errors import UsageError
+
+DATA_HELP = ("Training data: a folder of challenge .npz cases (ground truth as 'gts' inside or CASE_gt.npz beside), "
+             "one .npz, or an nnU-Net folder (dataset.json, imagesTr/, labelsTr/).")
+OUTPUT_HELP = ("Output folder: becomes a checkpoint folder for --model (plus training_args.json, train_log.jsonl "
+               "and checkpoints/).")
+PROMPTS_HELP = ("Prompt JSON keyed by dataset name ({dataset: {\"1\": [phrasings], \"instance_label\": 0}}, e.g. "
+                "CVPR25_TextSegFMData_with_class.json; a case belongs to the dataset whose name begins its file "
+                "name) or one label map ({\"1\": [phrasings]}). Default: the npz's text_prompts / dataset.json labels.")
 
 
-@app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def train_command(ctx: typer.Context) -> None:
-    """Train a Text3DSAM model from scratch on challenge-style or nnU-Net-style data."""
-    fail("`text3dsam train` is not available yet", 2)
+def _parse_size(text: str | None, option: str) -> tuple[int, int, int] | None:
+    if text is None:
+        return None
+    try:
+        values = [int(v) for v in text.replace("x", ",").split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if len(values) == 1:
+        values *= 3
+    if len(values) != 3 or min(values) <= 0:
+        raise UsageError(f"{option} {text!r}: give one or three positive integers D,H,W, e.g. 128,256,256")
+    return values[0], values[1], values[2]
 
 
-@app.command("finetune", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def finetune_command(ctx: typer.Context) -> None:
-    """Fine-tune a published or local Text3DSAM checkpoint on your own data."""
-    fail("`text3dsam finetune` is not available yet", 2)
+@contextmanager
+def _reporter(quiet: bool) -> Iterator[Any]:
+    """A training callback drawing a rich progress bar and messages on stderr (nothing when ``quiet``)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from text3dsam_cli.training import TrainEvent
+
+    if quiet:
+        yield lambda event: None
+        return
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                        console=err_console, transient=False)
+    tasks: dict[str, Any] = {}
+
+    def callback(event: TrainEvent) -> None:
+        if event.kind == "load":
+            if "load" not in tasks:
+                tasks["load"] = progress.add_task("loading", total=event.total, info="")
+            progress.update(tasks["load"], completed=event.step, info=event.message or "")
+        elif event.kind == "info":
+            progress.console.print(event.message or "", style="dim", highlight=False, soft_wrap=True, markup=False)
+        elif event.kind == "start":
+            tasks["train"] = progress.add_task("training", total=event.total, completed=event.step, info="")
+        elif event.kind == "step":
+            info = f"loss {event.loss:.4f}  lr {event.lr:.2e}  {event.seconds:.2f} s/step"
+            progress.update(tasks["train"], completed=event.step, info=info)
+        elif event.kind == "checkpoint":
+            progress.console.print(f"step {event.step}: checkpoint {event.message}", style="dim", highlight=False,
+                                   markup=False)
+        elif event.kind == "val" and event.metrics is not None:
+            mean = event.metrics.get("mean_dice", math.nan)
+            cases = event.metrics["case_mean"]
+            detail = ", ".join(f"{name} {value:.3f}" for name, value in cases.items()) if len(cases) <= 4 \
+                else f"{len(cases)} cases"
+            progress.console.print(f"step {event.step}: validation mean Dice {mean:.4f} ({detail})",
+                                   highlight=False, soft_wrap=True, markup=False)
+        elif event.kind == "done":
+            loss = event.loss if event.loss is not None else math.nan
+            progress.console.print(f"done: {event.step} steps, final loss {loss:.4f}, model saved to {event.message}",
+                                   style="green", highlight=False, soft_wrap=True, markup=False)
+
+    with progress:
+        yield callback
+
+
+def _common(data: str, output: str, max_steps: int | None, epochs: float, lr: float, batch_size: int,
+            grad_accum: int, weight_decay: float, warmup_ratio: float, device: str, precision: str, freeze: str,
+            prompts: str | None, val: str | None, val_every: int | None, resume: bool | None, seed: int,
+            save_every: int, keep_checkpoints: int, modality: str | None, window: str, augment: bool,
+            threads: int | None, cache: bool) -> Any:
+    from text3dsam_cli.devices import set_threads
+    from text3dsam_cli.training import AugmentConfig, TrainingArguments
+
+    set_threads(threads)
+    args = TrainingArguments(
+        data=data, output=output, prompts=prompts, val=val, modality=modality, window=window, max_steps=max_steps,
+        epochs=epochs, learning_rate=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
+        batch_size=batch_size, grad_accum=grad_accum, device=device, precision=precision, freeze=freeze,  # type: ignore[arg-type]
+        seed=seed, resume=resume, save_every=save_every, keep_checkpoints=keep_checkpoints, val_every=val_every,
+        augment=AugmentConfig() if augment else AugmentConfig.none(), cache=cache)
+    args.check()
+    return args
+
+
+# Options shared by both commands (Typer reads them from the signatures, so they are repeated there).
+_STEPS = "Optimizer steps to run (wins over --epochs)."
+_CACHE = ("Keep every case, resized to the model input, in memory (4-5 bytes per input voxel per case); "
+          "--no-cache re-reads cases for each sample.")
+_RESUME = "Continue from the last checkpoint in OUTPUT (default: yes when OUTPUT has checkpoints)."
+_FREEZE = ("Freeze part of the model: text (the BERT text encoder; its projector still trains), image (the image "
+           "encoder, kept in eval mode) or none; 'text,image' freezes both.")
+
+
+@app.command("finetune")
+@handle_errors
+def finetune_command(
+    data: str = typer.Argument(..., help=DATA_HELP, show_default=False),
+    model: str = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    output: str = typer.Option(..., "--output", "-o", help=OUTPUT_HELP, show_default=False),
+    revision: str = typer.Option(None, "--revision", help="Branch, tag or commit of the hub repo."),
+    max_steps: int = typer.Option(None, "--max-steps", help=_STEPS),
+    epochs: float = typer.Option(10.0, "--epochs", help="Passes over all (case, class) samples."),
+    lr: float = typer.Option(1e-4, "--lr", help="Peak learning rate (AdamW, linear warmup, cosine decay)."),
+    batch_size: int = typer.Option(1, "--batch-size", help="Samples per process and micro-step."),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-steps per optimizer step."),
+    weight_decay: float = typer.Option(1e-5, "--weight-decay", help="AdamW weight decay (matrices only)."),
+    warmup_ratio: float = typer.Option(0.03, "--warmup-ratio", help="Fraction of the steps spent warming up."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps."),
+    precision: str = typer.Option("auto", "--precision", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16."),
+    freeze: str = typer.Option("none", "--freeze", help=_FREEZE),
+    prompts: str = typer.Option(None, "--prompts", help=PROMPTS_HELP),
+    val: str = typer.Option(None, "--val", help="Validation data (same layouts): Dice per class on full volumes."),
+    val_every: int = typer.Option(None, "--val-every", help="Validate every N steps (default: --save-every) and at "
+                                  "the end."),
+    resume: bool = typer.Option(None, "--resume/--no-resume", help=_RESUME, show_default=False),
+    seed: int = typer.Option(42, "--seed", help="Seed for sample order, prompts, augmentation and dropout."),
+    save_every: int = typer.Option(250, "--save-every", help="Checkpoint every N steps (0: only at the end)."),
+    keep_checkpoints: int = typer.Option(2, "--keep-checkpoints", help="Checkpoints to keep."),
+    modality: str = typer.Option(None, "--modality", help="Modality of raw scans (default: dataset.json, else the "
+                                 "segment heuristic)."),
+    window: str = typer.Option("soft_tissue", "--window", help="CT window for raw CT scans (as in segment)."),
+    augment: bool = typer.Option(True, "--augment/--no-augment", help="Rotations and intensity scale/shift."),
+    cache: bool = typer.Option(True, "--cache/--no-cache", help=_CACHE),
+    threads: int = typer.Option(None, "--threads", help="CPU threads for torch."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output on stderr."),
+) -> None:
+    """Fine-tune a published or local Text3DSAM checkpoint on your own data (the paper's recipe).
+
+    Each step trains one class present in a case's ground truth, with one of its prompt phrasings.
+    OUTPUT ends up loadable by `text3dsam segment --model OUTPUT`; rerunning the command resumes.
+    Multi-GPU: run it under torchrun or accelerate launch (see docs/train.md).
+    """
+    from text3dsam_cli.training import finetune
+
+    args = _common(data, output, max_steps, epochs, lr, batch_size, grad_accum, weight_decay, warmup_ratio, device,
+                   precision, freeze, prompts, val, val_every, resume, seed, save_every, keep_checkpoints, modality,
+                   window, augment, threads, cache)
+    with _reporter(quiet or int(os.environ.get("RANK", "0")) != 0) as callback:
+        finetune(args, model, revision, callback)
+
+
+@app.command("train")
+@handle_errors
+def train_command(
+    data: str = typer.Argument(..., help=DATA_HELP, show_default=False),
+    output: str = typer.Option(..., "--output", "-o", help=OUTPUT_HELP, show_default=False),
+    image_size: str = typer.Option("128,256,256", "--image-size", help="Model input size D,H,W (multiples of "
+                                   "--patch-size)."),
+    patch_size: str = typer.Option("64,64,64", "--patch-size", help="Patch size D,H,W of the deepest feature map."),
+    pass_num: int = typer.Option(2, "--pass-num", help="Decoder refinement passes (the published model: 2)."),
+    transformer_depth: int = typer.Option(2, "--transformer-depth", help="Two-way transformer blocks."),
+    mlp_dim: int = typer.Option(2048, "--mlp-dim", help="Decoder MLP width."),
+    num_heads: int = typer.Option(8, "--num-heads", help="Decoder attention heads."),
+    dice_weight: float = typer.Option(1.0, "--dice-weight", help="Weight of the Dice loss."),
+    focal_weight: float = typer.Option(1.0, "--focal-weight", help="Weight of the focal loss."),
+    text_model: str = typer.Option("nlpie/tiny-clinicalbert", "--text-model", help="BERT text encoder: hub name "
+                                   "(geometry and weights from the HF cache when present) or a local folder."),
+    tokenizer: str = typer.Option(None, "--tokenizer", help="Tokenizer folder (vocab.txt / tokenizer.json) or a "
+                                  "vocab.txt file (default: the text model's, from the HF cache)."),
+    pretrained_text: bool = typer.Option(True, "--pretrained-text/--no-pretrained-text", help="Start the text "
+                                         "encoder from the text model's weights when available."),
+    max_steps: int = typer.Option(None, "--max-steps", help=_STEPS),
+    epochs: float = typer.Option(30.0, "--epochs", help="Passes over all (case, class) samples (paper: 30)."),
+    lr: float = typer.Option(1e-4, "--lr", help="Peak learning rate (AdamW, linear warmup, cosine decay)."),
+    batch_size: int = typer.Option(1, "--batch-size", help="Samples per process and micro-step."),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-steps per optimizer step."),
+    weight_decay: float = typer.Option(1e-5, "--weight-decay", help="AdamW weight decay (matrices only)."),
+    warmup_ratio: float = typer.Option(0.03, "--warmup-ratio", help="Fraction of the steps spent warming up."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps."),
+    precision: str = typer.Option("auto", "--precision", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16."),
+    freeze: str = typer.Option("none", "--freeze", help=_FREEZE),
+    prompts: str = typer.Option(None, "--prompts", help=PROMPTS_HELP),
+    val: str = typer.Option(None, "--val", help="Validation data (same layouts): Dice per class on full volumes."),
+    val_every: int = typer.Option(None, "--val-every", help="Validate every N steps (default: --save-every) and at "
+                                  "the end."),
+    resume: bool = typer.Option(None, "--resume/--no-resume", help=_RESUME, show_default=False),
+    seed: int = typer.Option(42, "--seed", help="Seed for initial weights, sample order, prompts, augmentation."),
+    save_every: int = typer.Option(250, "--save-every", help="Checkpoint every N steps (0: only at the end)."),
+    keep_checkpoints: int = typer.Option(2, "--keep-checkpoints", help="Checkpoints to keep."),
+    modality: str = typer.Option(None, "--modality", help="Modality of raw scans (default: dataset.json, else the "
+                                 "segment heuristic)."),
+    window: str = typer.Option("soft_tissue", "--window", help="CT window for raw CT scans (as in segment)."),
+    augment: bool = typer.Option(True, "--augment/--no-augment", help="Rotations and intensity scale/shift."),
+    cache: bool = typer.Option(True, "--cache/--no-cache", help=_CACHE),
+    threads: int = typer.Option(None, "--threads", help="CPU threads for torch."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output on stderr."),
+) -> None:
+    """Train a Text3DSAM model from scratch on challenge-style or nnU-Net-style data (the paper's recipe).
+
+    Defaults are the published configuration: input 128x256x256, patch 64, 2 passes, tiny clinical BERT.
+    OUTPUT ends up loadable by `text3dsam segment --model OUTPUT`; rerunning the command resumes.
+    Multi-GPU: run it under torchrun or accelerate launch (see docs/train.md).
+    """
+    from text3dsam_cli.model import Text3DSAMConfig
+    from text3dsam_cli.training import train_from_scratch
+
+    for name, value in (("--pass-num", pass_num), ("--transformer-depth", transformer_depth),
+                        ("--mlp-dim", mlp_dim), ("--num-heads", num_heads)):
+        if value < 1:
+            raise UsageError(f"{name} must be at least 1")
+    if dice_weight < 0 or focal_weight < 0 or dice_weight + focal_weight == 0:
+        raise UsageError("--dice-weight and --focal-weight must be non-negative and not both zero")
+    try:
+        config = Text3DSAMConfig(image_size=_parse_size(image_size, "--image-size"),  # type: ignore[arg-type]
+                                 patch_size=_parse_size(patch_size, "--patch-size"),  # type: ignore[arg-type]
+                                 pass_num=pass_num, transformer_depth=transformer_depth, mlp_dim=mlp_dim,
+                                 num_heads=num_heads, dice_weight=dice_weight, focal_weight=focal_weight,
+                                 text_model=text_model)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    args = _common(data, output, max_steps, epochs, lr, batch_size, grad_accum, weight_decay, warmup_ratio, device,
+                   precision, freeze, prompts, val, val_every, resume, seed, save_every, keep_checkpoints, modality,
+                   window, augment, threads, cache)
+    with _reporter(quiet or int(os.environ.get("RANK", "0")) != 0) as callback:
+        train_from_scratch(args, config, tokenizer, pretrained_text, callback)
