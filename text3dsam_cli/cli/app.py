@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from text3dsam_cli import __version__
 from text3dsam_cli.errors import Text3DSAMError
@@ -36,7 +37,7 @@ def is_debug() -> bool:
 
 def fail(message: str, code: int = 1) -> None:
     """Print a one-line error on stderr and exit with ``code``."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

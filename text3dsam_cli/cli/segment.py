@@ -8,6 +8,7 @@ import traceback
 from typing import Any
 
 import typer
+from rich.markup import escape
 
 from text3dsam_cli.cli.app import app, err_console, handle_errors, is_debug
 from text3dsam_cli.cli.model_cmds import MODEL_HELP
@@ -108,13 +109,14 @@ def segment_command(
         if quiet:
             return
         if outcome.status == "ok":
-            err_console.print(f"[green]done[/] {outcome.input} [dim]({outcome.seconds:.1f} s)[/]", highlight=False)
+            err_console.print(f"[green]done[/] {escape(outcome.input)} [dim]({outcome.seconds:.1f} s)[/]",
+                              highlight=False)
         elif outcome.status == "skipped":
-            err_console.print(f"[yellow]skipped[/] {outcome.input} (output exists)", highlight=False)
+            err_console.print(f"[yellow]skipped[/] {escape(outcome.input)} (output exists)", highlight=False)
         else:
             if is_debug() and outcome.exception is not None:
                 err_console.print("".join(traceback.format_exception(outcome.exception)), markup=False)
-            err_console.print(f"[bold red]error:[/] {outcome.error}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(outcome.error)}", highlight=False, soft_wrap=True)
 
     summary = SegmentRun(segmenter, prompts, options, on_event).run(items)
     if as_json:

@@ -147,6 +147,9 @@ def save_model(model: Text3DSAM, folder: str | os.PathLike[str]) -> Path:
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     tmp = out / ".model.safetensors.tmp"
     save_file(state, str(tmp), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600 files; models are meant to be shared
     os.replace(tmp, out / "model.safetensors")
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     if model.tokenizer is not None:
