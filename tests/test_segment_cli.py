@@ -293,3 +293,24 @@ def test_zip_that_is_not_npz(small_checkpoint, tmp_path):
         zf.writestr("readme.txt", "not an array")
     result = segment(path, "liver", "-m", small_checkpoint, "-o", tmp_path / "out")
     assert result.exit_code == 1 and "fake.npz" in result.stderr
+
+
+def test_dicom_seg_output_for_dicom_series(small_checkpoint, tmp_path):
+    import highdicom as hd
+
+    series = DATA / "extra" / "dcmqi" / "ct-3slice"
+    result = segment(series, "liver", "spleen", "-m", small_checkpoint, "-o", tmp_path, "--dicom-seg")
+    assert result.exit_code == 0, result.output
+    seg = hd.seg.segread(str(tmp_path / "ct-3slice.seg.dcm"))
+    assert [seg.get_segment_description(n).segment_label for n in (1, 2)] == ["liver", "spleen"]
+    sidecar = json.loads((tmp_path / "ct-3slice.json").read_text())
+    assert sidecar["outputs"]["dicom_seg"].endswith("ct-3slice.seg.dcm")
+
+
+def test_dicom_seg_refusal_leaves_no_outputs(small_checkpoint, tmp_path):
+    """The TotalSegmentator series has empty Study/Series UIDs: refused before anything is written."""
+    result = segment(DICOM_TS, "liver", "-m", small_checkpoint, "-o", tmp_path / "out", "--dicom-seg")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+    result = segment(CT, "liver", "-m", small_checkpoint, "-o", tmp_path / "o2", "--dicom-seg")
+    assert result.exit_code == 1 and "DICOM" in result.stderr

@@ -247,6 +247,8 @@ class SegmentRun:
         volume: Volume = future.result()
         waited = time.perf_counter() - t_read
         prompts, values, instance = prompts_for(volume, self.prompts)
+        if self.options.dicom_seg and volume.source_format != "dicom":
+            raise InputError("--dicom-seg needs a DICOM series input", item.path)
         t0 = time.perf_counter()
         decision = resolve_modality(volume, self.options.modality)
         image = normalize_intensity(volume, self.options.modality, self.options.window)
@@ -256,8 +258,16 @@ class SegmentRun:
         del image
         written: dict[str, str] = {}
         t0 = time.perf_counter()
-        written["labels"] = str(self._write_labels(volume, result, out))
         stem = output_stem(out)
+        if self.options.dicom_seg:  # first: the output most likely to be refused (source UIDs, highdicom)
+            from text3dsam_cli.io.dicomseg import write_dicom_seg
+
+            path = Path(f"{stem}.seg.dcm")
+            source = str(self.segmenter.model.source.get("model") or "Text3DSAM")
+            name = source if self.segmenter.model.source.get("commit") else f"Text3DSAM ({Path(source).name})"
+            write_dicom_seg(volume, result.labels, result.label_values, result.prompts, path, model_name=name)
+            written["dicom_seg"] = str(path)
+        written["labels"] = str(self._write_labels(volume, result, out))
         suffix = out.name[len(Path(stem).name):]
         if self.options.split:
             for value, prompt in zip(result.label_values, result.prompts):
@@ -272,15 +282,6 @@ class SegmentRun:
             path = Path(f"{stem}_preview.png")
             write_preview(volume, result.labels, result.label_values, result.prompts, path)
             written["preview"] = str(path)
-        if self.options.dicom_seg:
-            if volume.source_format != "dicom":
-                raise InputError("--dicom-seg needs a DICOM series input", item.path)
-            from text3dsam_cli.io.dicomseg import write_dicom_seg
-
-            path = Path(f"{stem}.seg.dcm")
-            write_dicom_seg(volume, result.labels, result.label_values, result.prompts, path,
-                            model_name=str(self.segmenter.model.source.get("model", "Text3DSAM")))
-            written["dicom_seg"] = str(path)
         timings = {"read_wait": waited, "preprocess": t_pre, **result.timings, "write": time.perf_counter() - t0}
         modality = {"modality": decision.modality, "source": decision.source,
                     "normalization": decision.normalization, "detail": decision.detail}
