@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from text3dsam_cli import __version__
-from text3dsam_cli.errors import Text3DSAMError
+from text3dsam_cli.errors import Text3DSAMError, UsageError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -62,6 +62,22 @@ def handle_errors(func: F) -> F:
             fail(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)", 1)
 
     return wrapper  # type: ignore[return-value]
+
+
+def parse_triple(text: str | None, option: str, cast: Callable[[str], Any],
+                 example: str) -> tuple[Any, Any, Any] | None:
+    """``"a,b,c"`` (or ``"axbxc"``, or one value for all three) -> three positive values; else a usage error."""
+    if not text:
+        return None
+    try:
+        values = [cast(v) for v in text.replace("x", ",").split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if len(values) == 1:
+        values *= 3
+    if len(values) != 3 or min(values) <= 0:
+        raise UsageError(f"{option} {text!r}: give one or three positive numbers, e.g. {example}")
+    return values[0], values[1], values[2]
 
 
 def _version_callback(value: bool) -> None:

@@ -10,23 +10,9 @@ from typing import Any
 import typer
 from rich.markup import escape
 
-from text3dsam_cli.cli.app import app, err_console, handle_errors, is_debug
+from text3dsam_cli.cli.app import app, err_console, handle_errors, is_debug, parse_triple
 from text3dsam_cli.cli.model_cmds import MODEL_HELP
 from text3dsam_cli.errors import UsageError
-
-
-def _parse_spacing(text: str | None) -> tuple[float, float, float] | None:
-    if not text:
-        return None
-    try:
-        values = [float(v) for v in text.replace("x", ",").split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if len(values) == 1:
-        values *= 3
-    if len(values) != 3 or min(values) <= 0:
-        raise UsageError(f"--spacing {text!r}: give one or three positive numbers in mm (x,y,z), e.g. 1.5,1.5,3")
-    return values[0], values[1], values[2]
 
 
 @app.command("segment")
@@ -84,7 +70,7 @@ def segment_command(
     prompts = list(prompts or [])
     if any(not p.strip() for p in prompts):
         raise UsageError("empty prompt: every PROMPT must contain text")
-    target_spacing = _parse_spacing(spacing)
+    target_spacing = parse_triple(spacing, "--spacing", float, "1.5,1.5,3 (mm, x,y,z)")
     set_threads(threads)
     items = select_shard(expand_inputs([input], stdin=sys.stdin if input == "-" else None), shard)
     options = SegmentOptions(output=output, fmt=fmt, series_uid=series, modality=modality, window=window,

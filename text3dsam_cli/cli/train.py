@@ -10,7 +10,7 @@ from typing import Any
 
 import typer
 
-from text3dsam_cli.cli.app import app, err_console, handle_errors
+from text3dsam_cli.cli.app import app, err_console, handle_errors, parse_triple
 from text3dsam_cli.cli.model_cmds import MODEL_HELP
 from text3dsam_cli.errors import UsageError
 
@@ -21,20 +21,6 @@ OUTPUT_HELP = ("Output folder: becomes a checkpoint folder for --model (plus tra
 PROMPTS_HELP = ("Prompt JSON keyed by dataset name ({dataset: {\"1\": [phrasings], \"instance_label\": 0}}, e.g. "
                 "CVPR25_TextSegFMData_with_class.json; a case belongs to the dataset whose name begins its file "
                 "name) or one label map ({\"1\": [phrasings]}). Default: the npz's text_prompts / dataset.json labels.")
-
-
-def _parse_size(text: str | None, option: str) -> tuple[int, int, int] | None:
-    if text is None:
-        return None
-    try:
-        values = [int(v) for v in text.replace("x", ",").split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if len(values) == 1:
-        values *= 3
-    if len(values) != 3 or min(values) <= 0:
-        raise UsageError(f"{option} {text!r}: give one or three positive integers D,H,W, e.g. 128,256,256")
-    return values[0], values[1], values[2]
 
 
 @contextmanager
@@ -228,8 +214,8 @@ def train_command(
     if dice_weight < 0 or focal_weight < 0 or dice_weight + focal_weight == 0:
         raise UsageError("--dice-weight and --focal-weight must be non-negative and not both zero")
     try:
-        config = Text3DSAMConfig(image_size=_parse_size(image_size, "--image-size"),  # type: ignore[arg-type]
-                                 patch_size=_parse_size(patch_size, "--patch-size"),  # type: ignore[arg-type]
+        config = Text3DSAMConfig(image_size=parse_triple(image_size, "--image-size", int, "128,256,256"),  # type: ignore[arg-type]
+                                 patch_size=parse_triple(patch_size, "--patch-size", int, "64,64,64"),  # type: ignore[arg-type]
                                  pass_num=pass_num, transformer_depth=transformer_depth, mlp_dim=mlp_dim,
                                  num_heads=num_heads, dice_weight=dice_weight, focal_weight=focal_weight,
                                  text_model=text_model)
