@@ -93,3 +93,34 @@ def test_tokenizer_from_checkpoint_matches_reference_ids(small_model):
         text = small_model.tokenizer.decode(ids[:n], skip_special_tokens=True)
         again = small_model.tokenize([text])["input_ids"][0].numpy()
         np.testing.assert_array_equal(again, ids[:n])
+
+
+def test_line_sampled_pass_equals_full_pass_on_its_lines(small_model):
+    """Intermediate passes compute logits only where the stride-4 downscaling reads them: same values there."""
+    gen = torch.Generator().manual_seed(3)
+    image = torch.rand(1, 1, *small_model.config.image_size, generator=gen) * 255
+    seg = small_model.seg_decoder
+    with torch.inference_mode():
+        ctx = small_model.encode_image(image)
+        text = small_model.encode_prompts(["liver", "left kidney"])
+        sparse, dense = seg.prompt_encoder(text, None, None)
+        full, token = seg.mask_decoder(ctx, text, sparse, dense)
+        lines, token_lines = seg.mask_decoder(ctx, text, sparse, dense, lines_only=True)
+        assert torch.equal(token, token_lines)
+        expected = [full[:, :, :, ::4, ::4], full[:, :, ::4, :, ::4], full[:, :, ::4, ::4, :]]
+        for got, want in zip(lines, expected):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        # and the downscaled dense embedding built from the lines equals the one from the full probabilities
+        dense_full = seg.prompt_encoder(text, torch.sigmoid(full), token)[1]
+        dense_lines = seg.prompt_encoder(text, tuple(torch.sigmoid(t) for t in lines), token)[1]
+        torch.testing.assert_close(dense_lines, dense_full, atol=1e-4, rtol=1e-4)
+
+
+def test_batchnorm_folding_matches_module_path(small_model):
+    """Eval-mode decomposed convolutions fold BatchNorm into the weights: same output as conv then BN."""
+    block = small_model.image_encoder.encoder.s0[0][1]
+    x = torch.randn(1, 48, 8, 16, 16, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        folded = block(x)
+        reference = block.c1(x) + block.c2(x) + block.c3(x)
+    torch.testing.assert_close(folded, reference, atol=1e-4, rtol=1e-5)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -101,7 +100,3 @@ def main() -> None:
     """Console-script entry point."""
     app(prog_name="text3dsam")
 
-
-if __name__ == "__main__":  # pragma: no cover
-    main()
-    sys.exit(0)
