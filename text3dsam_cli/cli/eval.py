@@ -12,17 +12,10 @@ import typer
 from rich.table import Table
 
 from text3dsam_cli.cli.app import app, err_console, handle_errors
-from text3dsam_cli.evaluation import (
-    INSTANCE_METRICS,
-    SEMANTIC_METRICS,
-    evaluate_folder,
-    modality_of,
-    results_to_json,
-    write_csv,
-    write_json,
-)
 
-METRICS = (*SEMANTIC_METRICS, *INSTANCE_METRICS)
+# The evaluation module (scipy, SimpleITK) is imported inside the functions: `text3dsam --help` and the other
+# commands should not pay for it.
+METRICS = ("DSC", "NSD", "F1", "DSC_TP")
 
 
 class SpacingOrder(str, Enum):
@@ -39,6 +32,8 @@ def _cell(value: Any) -> str:
 
 
 def _table(results: dict[str, Any]) -> Table:
+    from text3dsam_cli.evaluation import modality_of
+
     table = Table(title="Evaluation", title_justify="left")
     table.add_column("case", overflow="fold")
     table.add_column("group")
@@ -78,6 +73,8 @@ def eval_command(
     def progress(name: str, index: int, total: int) -> None:
         if not quiet:
             err_console.print(f"[dim][{index + 1}/{total}] {name}[/]", highlight=False)
+
+    from text3dsam_cli.evaluation import evaluate_folder, results_to_json, write_csv, write_json
 
     results = evaluate_folder(pred, gt, images_dir=images, spacing_order=spacing_order.value,
                               labels_json=labels, on_case=progress)
