@@ -314,3 +314,10 @@ def test_dicom_seg_refusal_leaves_no_outputs(small_checkpoint, tmp_path):
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
     result = segment(CT, "liver", "-m", small_checkpoint, "-o", tmp_path / "o2", "--dicom-seg")
     assert result.exit_code == 1 and "DICOM" in result.stderr
+
+
+def test_second_input_path_is_not_taken_for_a_prompt(small_checkpoint, tmp_path):
+    """`segment a.nii.gz b.nii.gz liver` (a shell glob) must not segment a with the prompt 'b.nii.gz'."""
+    result = segment(CT, MR, "liver", "-m", small_checkpoint, "-o", tmp_path)
+    assert result.exit_code == 2 and "existing path" in result.stderr
+    assert list(tmp_path.iterdir()) == []

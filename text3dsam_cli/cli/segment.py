@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import traceback
 from typing import Any
@@ -63,13 +64,17 @@ def segment_command(
     """
     from text3dsam_cli.devices import set_threads
     from text3dsam_cli.inference import Segmenter
-    from text3dsam_cli.io import expand_inputs, select_shard
+    from text3dsam_cli.io import expand_inputs, image_format, select_shard
     from text3dsam_cli.model import load_model
     from text3dsam_cli.pipeline import SegmentOptions, SegmentRun
 
     prompts = list(prompts or [])
     if any(not p.strip() for p in prompts):
         raise UsageError("empty prompt: every PROMPT must contain text")
+    for prompt in prompts:
+        if ("/" in prompt or os.sep in prompt or image_format(prompt)) and os.path.exists(prompt):
+            raise UsageError(f"prompt {prompt!r} is an existing path: segment takes ONE input (a file, a folder "
+                             "of inputs, or '-' to read paths from stdin) followed by text prompts")
     target_spacing = parse_triple(spacing, "--spacing", float, "1.5,1.5,3 (mm, x,y,z)")
     set_threads(threads)
     items = select_shard(expand_inputs([input], stdin=sys.stdin if input == "-" else None), shard)
