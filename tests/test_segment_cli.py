@@ -321,3 +321,25 @@ def test_second_input_path_is_not_taken_for_a_prompt(small_checkpoint, tmp_path)
     result = segment(CT, MR, "liver", "-m", small_checkpoint, "-o", tmp_path)
     assert result.exit_code == 2 and "existing path" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_prompt_file_json_sets_label_values(small_checkpoint, tmp_path):
+    (tmp_path / "labels.json").write_text(json.dumps({"5": "liver", "12": ["spleen", "the spleen"]}))
+    out = tmp_path / "seg.nii.gz"
+    result = segment(CT, "--prompt-file", tmp_path / "labels.json", "-m", small_checkpoint, "-o", out)
+    assert result.exit_code == 0, result.output
+    sidecar = json.loads((tmp_path / "seg.json").read_text())
+    assert sidecar["prompts"] == {"liver": 5, "spleen": 12}
+    assert set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(out))))) <= {0, 5, 12}
+
+
+def test_prompt_file_text_and_errors(small_checkpoint, tmp_path):
+    (tmp_path / "p.txt").write_text("# organs\nliver\n\nspleen\n")
+    result = segment(CT, "--prompt-file", tmp_path / "p.txt", "-m", small_checkpoint, "-o", tmp_path / "a.nii.gz")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "a.json").read_text())["prompts"] == {"liver": 1, "spleen": 2}
+    (tmp_path / "bad.json").write_text('{"x": "liver"}')
+    result = segment(CT, "--prompt-file", tmp_path / "bad.json", "-m", small_checkpoint, "-o", tmp_path / "b")
+    assert result.exit_code == 1 and "bad.json" in result.stderr
+    result = segment(CT, "liver", "--prompt-file", tmp_path / "p.txt", "-m", small_checkpoint)
+    assert result.exit_code == 2

@@ -126,10 +126,12 @@ def output_stem(path: Path) -> str:
     return str(path)
 
 
-def prompts_for(volume: Volume, prompts: Sequence[str]) -> tuple[list[str], list[int], bool]:
-    """Prompts, label values and the instance flag: command-line prompts (1..K) or the npz's ``text_prompts``."""
+def prompts_for(volume: Volume, prompts: Sequence[str],
+                label_values: Sequence[int] | None = None) -> tuple[list[str], list[int], bool]:
+    """Prompts, label values and the instance flag: given prompts (values 1..K unless given) or the npz's own."""
     if prompts:
-        return list(prompts), list(range(1, len(prompts) + 1)), False
+        values = list(label_values) if label_values is not None else list(range(1, len(prompts) + 1))
+        return list(prompts), values, False
     stored = volume.meta.get("text_prompts")
     if not stored:
         raise InputError("no prompts: give PROMPT arguments (this input carries no text_prompts)", volume.path)
@@ -149,6 +151,44 @@ def prompts_for(volume: Volume, prompts: Sequence[str]) -> tuple[list[str], list
     if not texts:
         raise InputError("text_prompts holds no prompts", volume.path)
     return texts, values, instance
+
+
+def read_prompt_file(path: str | Path) -> tuple[list[str], list[int]]:
+    """Prompts and label values from a file: JSON ``{"1": "liver", "5": "spleen"}`` (a list of phrasings takes
+    its first), or plain text with one prompt per line (values 1..K; blank lines and ``#`` comments skipped)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read the prompt file ({exc})", path) from None
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise InputError(f"invalid JSON ({exc})", path) from None
+        if not isinstance(data, dict) or not data:
+            raise InputError('expected a JSON object {"1": "prompt", ...}', path)
+        prompts, values = [], []
+        for key, value in data.items():
+            if key == "instance_label":
+                continue
+            if isinstance(value, list):
+                value = value[0] if value else ""
+            try:
+                number = int(key)
+            except ValueError:
+                raise InputError(f"key {key!r} is not a label number", path) from None
+            if not isinstance(value, str) or not value.strip() or not 0 < number < 65536:
+                raise InputError(f"entry {key!r} needs a label value 1..65535 and a non-empty prompt", path)
+            prompts.append(value.strip())
+            values.append(number)
+        if len(set(values)) != len(values):
+            raise InputError("label values repeat", path)
+        return prompts, values
+    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise InputError("no prompts in the file", path)
+    return prompts, list(range(1, len(prompts) + 1))
 
 
 def label_statistics(labels: np.ndarray, values: Sequence[int], prompts: Sequence[str],
@@ -188,8 +228,12 @@ class SegmentRun:
     """Runs a list of inputs through one :class:`Segmenter`, reading the next input while the current one infers."""
 
     def __init__(self, segmenter: Segmenter, prompts: Sequence[str], options: SegmentOptions,
-                 on_event: Callable[[str, dict[str, Any]], None] | None = None, read_ahead: int = 1) -> None:
+                 on_event: Callable[[str, dict[str, Any]], None] | None = None, read_ahead: int = 1,
+                 label_values: Sequence[int] | None = None) -> None:
         self.segmenter = segmenter
+        self.label_values = list(label_values) if label_values is not None else None
+        if self.label_values is not None and len(self.label_values) != len(prompts):
+            raise UsageError("one label value per prompt is needed")
         self.read_ahead = max(0, read_ahead)
         self.prompts = [str(p) for p in prompts]
         if any(not p.strip() for p in self.prompts):
@@ -246,7 +290,7 @@ class SegmentRun:
         t_read = time.perf_counter()
         volume: Volume = future.result()
         waited = time.perf_counter() - t_read
-        prompts, values, instance = prompts_for(volume, self.prompts)
+        prompts, values, instance = prompts_for(volume, self.prompts, self.label_values)
         if self.options.dicom_seg and volume.source_format != "dicom":
             raise InputError("--dicom-seg needs a DICOM series input", item.path)
         t0 = time.perf_counter()

@@ -23,6 +23,8 @@ def segment_command(
                                 "those, or '-' to read paths from stdin (one per line).", show_default=False),
     prompts: list[str] = typer.Argument(None, help="Free-text prompts; label values 1..K in this order. "
                                         "Optional for challenge npz that carry text_prompts.", show_default=False),
+    prompt_file: str = typer.Option(None, "--prompt-file", help='Prompts from a file: JSON {"1": "liver", '
+                                    '"5": "spleen"} (label values as given) or one prompt per line.'),
     output: str = typer.Option(None, "--output", "-o", help="Output file (.nii.gz/.nii/.nrrd/.mha/.npz, one input) "
                                "or folder (created). Default: ./text3dsam_output/."),
     model: str = typer.Option(None, "--model", "-m", help=MODEL_HELP),
@@ -66,7 +68,7 @@ def segment_command(
     from text3dsam_cli.inference import Segmenter
     from text3dsam_cli.io import expand_inputs, image_format, select_shard
     from text3dsam_cli.model import load_model
-    from text3dsam_cli.pipeline import SegmentOptions, SegmentRun
+    from text3dsam_cli.pipeline import SegmentOptions, SegmentRun, read_prompt_file
 
     prompts = list(prompts or [])
     if any(not p.strip() for p in prompts):
@@ -75,6 +77,11 @@ def segment_command(
         if ("/" in prompt or os.sep in prompt or image_format(prompt)) and os.path.exists(prompt):
             raise UsageError(f"prompt {prompt!r} is an existing path: segment takes ONE input (a file, a folder "
                              "of inputs, or '-' to read paths from stdin) followed by text prompts")
+    label_values = None
+    if prompt_file:
+        if prompts:
+            raise UsageError("give PROMPT arguments or --prompt-file, not both")
+        prompts, label_values = read_prompt_file(prompt_file)
     target_spacing = parse_triple(spacing, "--spacing", float, "1.5,1.5,3 (mm, x,y,z)")
     set_threads(threads)
     items = select_shard(expand_inputs([input], stdin=sys.stdin if input == "-" else None), shard)
@@ -109,7 +116,7 @@ def segment_command(
                 err_console.print("".join(traceback.format_exception(outcome.exception)), markup=False)
             err_console.print(f"[bold red]error:[/] {escape(outcome.error)}", highlight=False, soft_wrap=True)
 
-    summary = SegmentRun(segmenter, prompts, options, on_event).run(items)
+    summary = SegmentRun(segmenter, prompts, options, on_event, label_values=label_values).run(items)
     if as_json:
         typer.echo(json.dumps(summary.to_dict(), indent=2))
     if not quiet:
