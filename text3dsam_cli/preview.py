@@ -37,11 +37,26 @@ def _panel(image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int], as
     return Image.fromarray(rgb.astype(np.uint8)).resize(size, Image.NEAREST)
 
 
+def _as_lps(volume: Volume, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """Image and labels reoriented to LPS (rows anterior->posterior, columns right->left), so every preview
+    shows the radiological convention whatever the file's voxel order; plus the (x, y, z) spacing."""
+    import SimpleITK as sitk
+
+    from text3dsam_cli.io import volume_to_image
+
+    try:
+        image = sitk.DICOMOrient(volume_to_image(volume), "LPS")
+        label_image = sitk.DICOMOrient(volume_to_image(volume.with_array(labels)), "LPS")
+    except RuntimeError:  # a direction SimpleITK cannot reorient: show the voxels as stored
+        return volume.array, labels, tuple(float(s) for s in volume.spacing)  # type: ignore[return-value]
+    spacing = tuple(float(s) for s in image.GetSpacing())
+    return sitk.GetArrayViewFromImage(image), sitk.GetArrayFromImage(label_image), spacing  # type: ignore[return-value]
+
+
 def write_preview(volume: Volume, labels: np.ndarray, values: Sequence[int], prompts: Sequence[str],
                   path: str | Path) -> Path:
     """Write a PNG with one row per label (axial, coronal, sagittal through its centre of mass)."""
-    image = volume.array
-    sx, sy, sz = (float(s) for s in volume.spacing)
+    image, labels, (sx, sy, sz) = _as_lps(volume, labels)
     rows = []
     for i, (value, prompt) in enumerate(zip(values, prompts)):
         mask = labels == value
