@@ -50,7 +50,7 @@ def _as_lps(volume: Volume, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     except RuntimeError:  # a direction SimpleITK cannot reorient: show the voxels as stored
         return volume.array, labels, tuple(float(s) for s in volume.spacing)  # type: ignore[return-value]
     spacing = tuple(float(s) for s in image.GetSpacing())
-    return sitk.GetArrayViewFromImage(image), sitk.GetArrayFromImage(label_image), spacing  # type: ignore[return-value]
+    return sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(label_image), spacing  # type: ignore[return-value]
 
 
 def write_preview(volume: Volume, labels: np.ndarray, values: Sequence[int], prompts: Sequence[str],
