@@ -179,7 +179,7 @@ class Segmenter:
         with torch.inference_mode(), self._autocast():
             x = F.interpolate(image[None, None], size=size, mode="trilinear", align_corners=False)
             ctx = self.model.encode_image(x)
-            return self._decode(ctx, text.to(x.dtype) if self.amp_dtype is None else text)
+            return self._decode(ctx, text)
 
     def _sliding(self, image: torch.Tensor, text: torch.Tensor, spacing: Sequence[float] | None) -> torch.Tensor:
         window = tuple(self.model.config.image_size)

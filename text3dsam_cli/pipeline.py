@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from text3dsam_cli import __version__
-from text3dsam_cli.errors import InputError, OutputError, Text3DSAMError, UsageError
+from text3dsam_cli.errors import InputError, Text3DSAMError, UsageError
 from text3dsam_cli.inference import SegmentationResult, Segmenter
 from text3dsam_cli.io import InputItem, Volume, atomic_path, read_volume, write_volume
 from text3dsam_cli.preprocess import DEFAULT_WINDOW, normalize_intensity, resolve_modality
@@ -363,10 +363,3 @@ class SegmentRun:
             written[f"probabilities:{prompt}"] = str(path)
         return written
 
-
-def check_writable(folder: Path) -> None:
-    """Create the output folder or fail with a one-line error."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create the output folder ({exc.strerror})", folder) from None

@@ -244,10 +244,6 @@ class ImageContext:
         index[axis] = slice(None)
         return self.skip_s0[(slice(None), *index)]
 
-    def to(self, device: torch.device | str) -> ImageContext:
-        """Move every tensor to ``device``."""
-        return ImageContext(*(t.to(device) for t in (self.embedding, self.pe, self.skip_s1, self.skip_s0)))
-
 
 class MaskDecoder(nn.Module):
     """Tokens + image context -> (K,1,4d·4,...) low-resolution mask logits and the first output token."""
