@@ -21,7 +21,7 @@ from text3dsam_cli import __version__
 from text3dsam_cli.errors import InputError, Text3DSAMError, UsageError
 from text3dsam_cli.inference import SegmentationResult, Segmenter
 from text3dsam_cli.io import InputItem, Volume, atomic_path, read_volume, write_volume
-from text3dsam_cli.preprocess import DEFAULT_WINDOW, normalize_intensity, resolve_modality
+from text3dsam_cli.preprocess import DEFAULT_WINDOW, ModalityDecision, normalize_as, resolve_modality
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +224,42 @@ def write_json(data: dict[str, Any], path: Path) -> None:
         tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
+@dataclass
+class PreparedScan:
+    """A scan made ready for the model: the 0..255 float32 image and everything needed to map results back.
+
+    ``image`` and ``spacing`` (x, y, z mm) are what the model sees; :meth:`to_input_grid` brings an array
+    computed on ``image``'s grid (a label map, or (K, z, y, x) probabilities) back onto the input volume's
+    exact grid. ``describe`` is the sidecar's account of the preprocessing.
+    """
+
+    image: np.ndarray
+    spacing: tuple[float, float, float]
+    modality: ModalityDecision
+    window: str
+
+    def to_input_grid(self, array: np.ndarray) -> np.ndarray:
+        """An array on the model's grid (trailing axes z, y, x) on the input volume's grid."""
+        return array
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-friendly description of the modality decision and the normalisation."""
+        decision = self.modality
+        info: dict[str, Any] = {"modality": decision.modality, "source": decision.source,
+                                "normalization": decision.normalization, "detail": decision.detail}
+        if decision.normalization == "ct_window":
+            info["window"] = self.window
+        return info
+
+
+def prepare_scan(volume: Volume, modality: str | None = None, window: str = DEFAULT_WINDOW) -> PreparedScan:
+    """Decide the modality once, normalise the intensities, and record how to map results back."""
+    decision = resolve_modality(volume, modality)
+    image = normalize_as(volume, decision, window)
+    return PreparedScan(image=image, spacing=tuple(float(s) for s in volume.spacing),  # type: ignore[arg-type]
+                        modality=decision, window=window)
+
+
 class SegmentRun:
     """Runs a list of inputs through one :class:`Segmenter`, reading the next input while the current one infers."""
 
@@ -294,12 +330,14 @@ class SegmentRun:
         if self.options.dicom_seg and volume.source_format != "dicom":
             raise InputError("--dicom-seg needs a DICOM series input", item.path)
         t0 = time.perf_counter()
-        decision = resolve_modality(volume, self.options.modality)
-        image = normalize_intensity(volume, self.options.modality, self.options.window)
+        scan = prepare_scan(volume, self.options.modality, self.options.window)
         t_pre = time.perf_counter() - t0
-        result = self.segmenter.segment(image, prompts, values, spacing=volume.spacing, instance=instance,
+        result = self.segmenter.segment(scan.image, prompts, values, spacing=scan.spacing, instance=instance,
                                         keep_probabilities=self.options.probabilities)
-        del image
+        scan.image = np.empty(0, dtype=np.float32)  # free the model input before writing
+        result.labels = scan.to_input_grid(result.labels)
+        if result.probabilities is not None:
+            result.probabilities = scan.to_input_grid(result.probabilities)
         written: dict[str, str] = {}
         t0 = time.perf_counter()
         stem = output_stem(out)
@@ -327,11 +365,7 @@ class SegmentRun:
             write_preview(volume, result.labels, result.label_values, result.prompts, path)
             written["preview"] = str(path)
         timings = {"read_wait": waited, "preprocess": t_pre, **result.timings, "write": time.perf_counter() - t0}
-        modality = {"modality": decision.modality, "source": decision.source,
-                    "normalization": decision.normalization, "detail": decision.detail}
-        if decision.normalization == "ct_window":
-            modality["window"] = self.options.window
-        sidecar = build_sidecar(item, volume, result, dict(self.segmenter.model.source), modality, written,
+        sidecar = build_sidecar(item, volume, result, dict(self.segmenter.model.source), scan.describe(), written,
                                 timings)
         sidecar_path = Path(f"{stem}.json")
         write_json(sidecar, sidecar_path)

@@ -146,7 +146,12 @@ def normalize_intensity(volume: Volume, modality: str | None = None,
 
     ``modality`` overrides the detected one; ``window`` names the CT window (ignored for other modalities).
     """
-    decision = resolve_modality(volume, modality)
+    return normalize_as(volume, resolve_modality(volume, modality), window)
+
+
+def normalize_as(volume: Volume, decision: ModalityDecision,
+                 window: str | tuple[float, float] = DEFAULT_WINDOW) -> np.ndarray:
+    """``volume.array`` mapped to 0..255 float32 following an already made :class:`ModalityDecision`."""
     if decision.normalization == "none":
         return volume.array.astype(np.float32)
     if decision.normalization == "ct_window":
