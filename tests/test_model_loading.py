@@ -129,3 +129,34 @@ def test_not_cached_offline_gives_actionable_message(tmp_path, monkeypatch):
 def test_not_a_folder_nor_repo_id(tmp_path):
     with pytest.raises(ModelNotFoundError, match=r"no such model folder"):
         resolve_model(str(tmp_path / "does" / "not" / "exist"))
+
+
+def test_image_encoder_variant_from_config():
+    """A model variant is a config: widths, depths, kernels and heads come from ``image_encoder``."""
+    from text3dsam_cli.model.config import ImageEncoderConfig, Text3DSAMConfig
+    from text3dsam_cli.model.image_encoder import ImageEncoder
+
+    config = Text3DSAMConfig.from_dict({
+        "image_size": [32, 32, 32], "patch_size": [32, 32, 32], "embed_dim": 64,
+        "image_encoder": {"channels": [4, 8, 16, 32, 64], "blocks": [1, 1, 2, 1, 1], "kernels": [5, 3, 3],
+                          "num_heads": 4},
+    })
+    assert config.image_encoder == ImageEncoderConfig((4, 8, 16, 32, 64), (1, 1, 2, 1, 1), (5, 3, 3), 7, 4, 4)
+    assert Text3DSAMConfig.from_dict(config.to_dict()).image_encoder == config.image_encoder
+    encoder = ImageEncoder(config.image_encoder).eval()
+    assert len(encoder.encoder.s2) == 2 and encoder.encoder.s4[0].spatial_attention.attn.num_heads == 4
+    with torch.no_grad():
+        features = encoder(torch.zeros(1, 1, 32, 32, 32))
+    assert [tuple(f.shape[1:]) for f in features] == [(4, 8, 8, 8), (8, 4, 4, 4), (16, 2, 2, 2), (32, 1, 1, 1),
+                                                      (64, 1, 1, 1)]
+
+
+def test_image_encoder_config_must_fit_the_decoder(tmp_path, small_checkpoint):
+    """Stage widths the decoder cannot read are refused with one line naming config.json."""
+    folder = tmp_path / "bad"
+    shutil.copytree(small_checkpoint, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["image_encoder"] = {"channels": [8, 96, 192, 384, 768]}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"config.json.*stages s0, s2, s4 must be \[48, 192, 768\]"):
+        load_model(folder)

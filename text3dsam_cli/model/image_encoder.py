@@ -10,10 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-STAGE_CHANNELS = (48, 96, 192, 384, 768)
-STAGE_BLOCKS = (1, 2, 3, 6, 2)
-# Depthwise kernel lengths of the convolutional stages 1-3 (the published DecompModel defaults).
-STAGE_KERNELS = (13, 11, 9)
+from text3dsam_cli.model.config import ImageEncoderConfig
 
 
 class DecomposedConv3d(nn.Module):
@@ -60,14 +57,14 @@ class ChannelMLP(nn.Module):
         return self.mlp(x)
 
 
-def decomposed_stem(in_channels: int, out_channels: int) -> nn.Sequential:
-    """Stride-4 stem: a decomposed 7-conv then three decomposed 3-convs, (B,1,D,H,W) -> (B,48,D/4,H/4,W/4).
+def decomposed_stem(in_channels: int, out_channels: int, kernel_size: int = 7) -> nn.Sequential:
+    """Stride-4 stem: a decomposed 7-conv then three decomposed 3-convs, (B,1,D,H,W) -> (B,C,D/4,H/4,W/4).
 
     The published code passes ``nn.GELU()`` where the block expects its ``norm`` flag, so the stem has
     BatchNorm and *no* activation between its convolutions. The weights were trained that way.
     """
     return nn.Sequential(
-        DecomposedConv3d(in_channels, out_channels, 7, stride=4),
+        DecomposedConv3d(in_channels, out_channels, kernel_size, stride=4),
         DecomposedConv3d(out_channels, out_channels, 3),
         DecomposedConv3d(out_channels, out_channels, 3),
         DecomposedConv3d(out_channels, out_channels, 3),
@@ -77,14 +74,15 @@ def decomposed_stem(in_channels: int, out_channels: int) -> nn.Sequential:
 class ConvBlock(nn.Module):
     """ConvNeXt-like block: [maxpool + 1x1 projection] -> depthwise decomposed conv -> MLP x layer scale + skip."""
 
-    def __init__(self, in_dim: int, out_dim: int, kernel_size: int, downsample: bool = False) -> None:
+    def __init__(self, in_dim: int, out_dim: int, kernel_size: int, downsample: bool = False,
+                 mlp_ratio: int = 4) -> None:
         super().__init__()
         self.downsample = downsample
         if downsample:
             self.pool = nn.MaxPool3d(3, 2, 1)
             self.proj = nn.Conv3d(in_dim, out_dim, 1, bias=False)
         self.dwconv = DecomposedConv3d(out_dim, out_dim, kernel_size, groups=out_dim)
-        self.mlp = ChannelMLP(out_dim, out_dim * 4)
+        self.mlp = ChannelMLP(out_dim, out_dim * mlp_ratio)
         self.scale = nn.Parameter(torch.full((out_dim,), 1e-6))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -132,12 +130,12 @@ class SelfAttention(nn.Module):
 class SpatialAttentionBlock(nn.Module):
     """Pre-norm transformer block with convolutional position encodings, (B,N,C) -> (B,N,C)."""
 
-    def __init__(self, dim: int, num_heads: int = 8) -> None:
+    def __init__(self, dim: int, num_heads: int = 8, mlp_ratio: int = 4) -> None:
         super().__init__()
         self.cpe = nn.ModuleList([ConvPosEnc(dim), ConvPosEnc(dim)])
         self.attn = SelfAttention(dim, num_heads)
         self.layer_norm1 = nn.LayerNorm(dim)
-        self.mlp1 = ChannelMLP(dim, dim * 4)
+        self.mlp1 = ChannelMLP(dim, dim * mlp_ratio)
         self.layer_norm2 = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
@@ -150,13 +148,14 @@ class SpatialAttentionBlock(nn.Module):
 class TransformerBlock(nn.Module):
     """[maxpool + 1x1 projection] then a spatial attention block over all voxels, (B,C,D,H,W) -> same."""
 
-    def __init__(self, in_dim: int, out_dim: int, downsample: bool = False, num_heads: int = 8) -> None:
+    def __init__(self, in_dim: int, out_dim: int, downsample: bool = False, num_heads: int = 8,
+                 mlp_ratio: int = 4) -> None:
         super().__init__()
         self.downsample = downsample
         if downsample:
             self.pool1 = nn.MaxPool3d(3, 2, 1)
             self.proj = nn.Conv3d(in_dim, out_dim, 1, bias=False)
-        self.spatial_attention = SpatialAttentionBlock(out_dim, num_heads)
+        self.spatial_attention = SpatialAttentionBlock(out_dim, num_heads, mlp_ratio)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.downsample:
@@ -169,17 +168,18 @@ class TransformerBlock(nn.Module):
 class Encoder(nn.Module):
     """The five stages ``s0`` (stem, stride 4) to ``s4`` (stride 64); returns every stage's output."""
 
-    def __init__(self, in_channels: int = 1, channels: tuple[int, ...] = STAGE_CHANNELS,
-                 blocks: tuple[int, ...] = STAGE_BLOCKS, kernels: tuple[int, ...] = STAGE_KERNELS) -> None:
+    def __init__(self, config: ImageEncoderConfig, in_channels: int = 1) -> None:
         super().__init__()
-        self.s0 = nn.Sequential(decomposed_stem(in_channels, channels[0]))
+        channels, blocks, kernels, ratio = config.channels, config.blocks, config.kernels, config.mlp_ratio
+        self.s0 = nn.Sequential(decomposed_stem(in_channels, channels[0], config.stem_kernel))
         for stage in (1, 2, 3):
-            layers = [ConvBlock(channels[stage - 1], channels[stage], kernels[stage - 1], downsample=True)]
-            layers += [ConvBlock(channels[stage], channels[stage], kernels[stage - 1])
+            layers = [ConvBlock(channels[stage - 1], channels[stage], kernels[stage - 1], True, ratio)]
+            layers += [ConvBlock(channels[stage], channels[stage], kernels[stage - 1], False, ratio)
                        for _ in range(blocks[stage] - 1)]
             setattr(self, f"s{stage}", nn.Sequential(*layers))
-        layers = [TransformerBlock(channels[3], channels[4], downsample=True)]
-        layers += [TransformerBlock(channels[4], channels[4]) for _ in range(blocks[4] - 1)]
+        layers = [TransformerBlock(channels[3], channels[4], True, config.num_heads, ratio)]
+        layers += [TransformerBlock(channels[4], channels[4], False, config.num_heads, ratio)
+                   for _ in range(blocks[4] - 1)]
         self.s4 = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -193,9 +193,9 @@ class Encoder(nn.Module):
 class ImageEncoder(nn.Module):
     """(B,1,D,H,W) float image in 0..255 -> five feature maps at strides 4, 8, 16, 32, 64."""
 
-    def __init__(self) -> None:
+    def __init__(self, config: ImageEncoderConfig | None = None) -> None:
         super().__init__()
-        self.encoder = Encoder()
+        self.encoder = Encoder(config or ImageEncoderConfig())
 
     def forward(self, image: torch.Tensor) -> list[torch.Tensor]:
         return self.encoder(image)

@@ -25,7 +25,7 @@ class Text3DSAM(nn.Module):
         if config.text_config is None:
             raise ValueError("config.text_config must be resolved before building the model")
         self.config = config
-        self.image_encoder = ImageEncoder()
+        self.image_encoder = ImageEncoder(config.image_encoder)
         self.text_encoder = build_text_encoder(config.text_config)
         self.text_projector = build_text_projector(config.text_config["hidden_size"], config.embed_dim)
         self.seg_decoder = SegDecoder(config.embed_dim, config.feat_size, config.pass_num,
