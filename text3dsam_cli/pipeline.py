@@ -22,7 +22,7 @@ from text3dsam_cli.errors import InputError, Text3DSAMError, UsageError
 from text3dsam_cli.inference import SegmentationResult, Segmenter
 from text3dsam_cli.io import InputItem, Volume, atomic_path, read_volume, write_volume
 from text3dsam_cli.preprocess import DEFAULT_WINDOW, ModalityDecision, normalize_as, resolve_modality
-from text3dsam_cli.prompts import prompts_for
+from text3dsam_cli.prompts import check_known_prompts, match_prompt, prompts_for
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ class SegmentOptions:
     preview: bool = False
     dicom_seg: bool = False
     skip_existing: bool = False
+    strict_prompts: bool = False  # refuse prompts that are not phrasings of the vocabulary
 
 
 @dataclass
@@ -156,7 +157,8 @@ def build_sidecar(item: InputItem, volume: Volume, result: SegmentationResult, m
         "device": result.device,
         "modality": modality,
         "prompts": prompt_values(result.prompts, result.label_values),
-        "labels": label_statistics(result.labels, result.label_values, result.prompts, volume.voxel_volume_ml),
+        "labels": [{**entry, "vocabulary": match_prompt(entry["prompt"]).to_dict()} for entry in
+                   label_statistics(result.labels, result.label_values, result.prompts, volume.voxel_volume_ml)],
         "geometry": volume.geometry(),
         "outputs": outputs,
         "timings_s": {k: round(v, 4) for k, v in timings.items()},
@@ -272,6 +274,8 @@ class SegmentRun:
         volume: Volume = future.result()
         waited = time.perf_counter() - t_read
         prompts, values, instance = prompts_for(volume, self.prompts, self.label_values)
+        if self.options.strict_prompts:
+            check_known_prompts(prompts, item.path)
         if self.options.dicom_seg and volume.source_format != "dicom":
             raise InputError("--dicom-seg needs a DICOM series input", item.path)
         t0 = time.perf_counter()
