@@ -53,6 +53,9 @@ def segment_command(
                                    "'dicomseg' extra: pip install 'text3dsam-cli[dicomseg]')."),
     strict_prompts: bool = typer.Option(False, "--strict-prompts", help="Refuse prompts that are not phrasings "
                                         "the model was trained on (see 'text3dsam prompts'); default: warn."),
+    rtstruct: bool = typer.Option(False, "--rtstruct", help="Also write a DICOM RT Structure Set, one ROI per "
+                                  "prompt (DICOM inputs; needs the 'rtstruct' extra: pip install "
+                                  "'text3dsam-cli[rtstruct]')."),
     skip_existing: bool = typer.Option(False, "--skip-existing", help="Skip inputs whose output already exists."),
     shard: str = typer.Option(None, "--shard", help="Process shard i of n of the input list ('i/n', 1-based), "
                               "for cluster job arrays."),
@@ -97,12 +100,17 @@ def segment_command(
         for prompt, match in unknown:
             warn(describe_unknown(prompt, match))
             warned.add(prompt)
+    if rtstruct:
+        from text3dsam_cli.io.rtstruct import MISSING_SKIMAGE, skimage_available
+
+        if not skimage_available():
+            raise UsageError(f"--rtstruct: {MISSING_SKIMAGE}")
     target_spacing = parse_triple(spacing, "--spacing", float, "1.5,1.5,3 (mm, x,y,z)")
     set_threads(threads)
     items = select_shard(expand_inputs([input], stdin=sys.stdin if input == "-" else None), shard)
     options = SegmentOptions(output=output, fmt=fmt, series_uid=series, modality=modality, window=window,
                              split=split, probabilities=probabilities, preview=preview, dicom_seg=dicom_seg,
-                             skip_existing=skip_existing, strict_prompts=strict_prompts)
+                             rtstruct=rtstruct, skip_existing=skip_existing, strict_prompts=strict_prompts)
     if not quiet:
         err_console.print(f"[dim]{len(items)} input(s); loading model…[/]")
     net = load_model(model, revision)
