@@ -114,6 +114,11 @@ def _segment_map(labels: np.ndarray, values: list[int]) -> np.ndarray:
     return lut[labels]
 
 
+def _a(kind: str) -> str:
+    """``"a DICOM-SEG"``, ``"an RTSTRUCT"``: the object name with its article (spoken letter by letter)."""
+    return f"{'an' if kind[:1] in 'AEFHILMNORSX' else 'a'} {kind}"
+
+
 def _read_sources(files: Sequence[str], where: Path | None, kind: str = "DICOM-SEG") -> list[pydicom.Dataset]:
     """The source headers (no pixel data), in the order of ``files``."""
     datasets = []
@@ -161,14 +166,14 @@ def _complete_sources(datasets: list[pydicom.Dataset], slice_spacing: float, whe
             problems.append(keyword)
     if problems:
         names = " and ".join([", ".join(problems[:-1]), problems[-1]] if len(problems) > 1 else problems)
-        raise InputError(f"cannot write a {kind} for this series: its source files have an empty {names}, "
-                         f"which a {kind} must reference (the NIfTI output does not need them)", where)
+        raise InputError(f"cannot write {_a(kind)} for this series: its source files have an empty {names}, "
+                         f"which {_a(kind)} must reference (the NIfTI output does not need them)", where)
     if len({_text(ds, "SOPInstanceUID") for ds in datasets}) != len(datasets):
-        raise InputError(f"cannot write a {kind} for this series: several source files share one "
+        raise InputError(f"cannot write {_a(kind)} for this series: several source files share one "
                          "SOPInstanceUID", where)
     frames = {_text(ds, "FrameOfReferenceUID") for ds in datasets} - {""}
     if len(frames) > 1:
-        raise InputError(f"cannot write a {kind} for this series: its files have different "
+        raise InputError(f"cannot write {_a(kind)} for this series: its files have different "
                          "FrameOfReferenceUIDs", where)
     if frames:
         frame_uid = frames.pop()
@@ -197,7 +202,7 @@ def _slice_order(datasets: list[pydicom.Dataset], volume: Volume, where: Path | 
     """For each source image, the index z of the volume slice it holds (checked against the geometry)."""
     nz, ny, nx = volume.shape
     if len(datasets) != nz:
-        raise InputError(f"cannot write a {kind}: the volume has {nz} slices but {len(datasets)} source "
+        raise InputError(f"cannot write {_a(kind)}: the volume has {nz} slices but {len(datasets)} source "
                          f"files (multi-frame source images are not supported)", where)
     axes = np.asarray(volume.direction, dtype=float).reshape(3, 3)  # columns: x, y, z axis directions
     origin = np.asarray(volume.origin, dtype=float)
@@ -206,22 +211,22 @@ def _slice_order(datasets: list[pydicom.Dataset], volume: Volume, where: Path | 
     for k, ds in enumerate(datasets):
         position, orientation = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient")
         if position is None or orientation is None or len(position) != 3 or len(orientation) != 6:
-            raise InputError(f"cannot write a {kind}: a source image has no ImagePositionPatient/"
+            raise InputError(f"cannot write {_a(kind)}: a source image has no ImagePositionPatient/"
                              "ImageOrientationPatient", where)
         if (int(ds.get("Rows", 0)), int(ds.get("Columns", 0))) != (ny, nx):
-            raise InputError(f"cannot write a {kind}: a source image is {ds.get('Rows')}x"
+            raise InputError(f"cannot write {_a(kind)}: a source image is {ds.get('Rows')}x"
                              f"{ds.get('Columns')}, the volume slices are {ny}x{nx}", where)
         cosines = np.asarray([float(v) for v in orientation]).reshape(2, 3)
         if not np.allclose(cosines, axes[:, :2].T, atol=1e-3):
-            raise InputError(f"cannot write a {kind}: a source image's orientation differs from the "
+            raise InputError(f"cannot write {_a(kind)}: a source image's orientation differs from the "
                              "volume's", where)
         index = float(np.dot(np.asarray([float(v) for v in position]) - origin, axes[:, 2])) / spacing_z
         order[k] = round(index)
         if abs(index - order[k]) > 0.2:
-            raise InputError(f"cannot write a {kind}: a source image lies between the volume's slices",
+            raise InputError(f"cannot write {_a(kind)}: a source image lies between the volume's slices",
                              where)
     if sorted(order.tolist()) != list(range(nz)):
-        raise InputError(f"cannot write a {kind}: the source images do not map one to one onto the "
+        raise InputError(f"cannot write {_a(kind)}: the source images do not map one to one onto the "
                          "volume's slices", where)
     return order
 

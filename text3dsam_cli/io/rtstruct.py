@@ -25,7 +25,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import Tag
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ImplicitVRLittleEndian, generate_uid
 
 import text3dsam_cli
 from text3dsam_cli.errors import OutputError
@@ -94,13 +94,15 @@ def _contour_data(points: np.ndarray) -> RawDataElement:
     """Contour Data (3006,0050) as an encoded DS value: 1e-4 mm precision, each value well under 16 bytes.
 
     Built as a raw element, so pydicom writes the bytes as they are instead of making a DS object of each of
-    the (often 10^5) numbers.
+    the (often 10^5) numbers. A long contour exceeds the 64 KiB that an explicit-VR DS element can hold, so
+    the file is written in Implicit VR Little Endian (32-bit lengths; the default transfer syntax every DICOM
+    application supports).
     """
     text = "\\".join(f"{v:.4f}" for v in points.reshape(-1).tolist())
     data = text.encode("ascii")
     if len(data) % 2:
         data += b" "
-    return RawDataElement(CONTOUR_DATA, "DS", len(data), data, 0, False, True)
+    return RawDataElement(CONTOUR_DATA, "DS", len(data), data, 0, True, True)
 
 
 def _item(**attributes: object) -> pydicom.Dataset:
@@ -147,7 +149,7 @@ def write_rtstruct(volume: Volume, labels: np.ndarray, label_values: Sequence[in
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = RT_STRUCTURE_SET_STORAGE
     meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.TransferSyntaxUID = ImplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
     charset = _character_set(source, [*names, *(p for _, p in pairs), algorithm, description])
