@@ -10,7 +10,7 @@ is the CVPR 2025 text-guided 3D segmentation challenge's prompt list as publishe
   ``US_...`` -> ``US``, ``Microscopy_...`` -> ``Microscopy``); ``autoPET`` has no prefix and is ``PET``;
 * class: a label's first phrasing is its name (the file lists the class name first, then variants); labels of
   one modality whose names are equal after normalising case, spaces and punctuation are one class (so 248
-  distinct (name, modality) spellings become 247 classes: ``Left gluteus Maximus``/``maximus`` in CT);
+  distinct (name, modality) spellings become 247 classes: ``Left atrium``/``Left Atrium`` in MR);
 * each class keeps the datasets it occurs in and its phrasings (first spelling of each normalised phrasing,
   in file order); classes are sorted by modality, then name.
 
