@@ -71,10 +71,16 @@ def slice_contours(mask: np.ndarray) -> list[np.ndarray]:
     the True pixels of a 2-D mask: iso-lines at 0.5, collinear points dropped."""
     from skimage.measure import approximate_polygon, find_contours
 
-    padded = np.pad(mask.astype(np.float32), 1)  # contours close at the image border too
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if not len(rows):
+        return []
+    r0, c0 = int(rows[0]), int(cols[0])
+    box = mask[r0:int(rows[-1]) + 1, c0:int(cols[-1]) + 1]
+    padded = np.pad(box.astype(np.float32), 1)  # contours close at the image border too
+    offset = np.array([r0 - 1.0, c0 - 1.0])
     out = []
     for contour in find_contours(padded, 0.5):
-        contour = approximate_polygon(contour, tolerance=0.0) - 1.0
+        contour = approximate_polygon(contour, tolerance=0.0) + offset
         if len(contour) > 1 and np.array_equal(contour[0], contour[-1]):
             contour = contour[:-1]
         if len(contour) >= 3:
