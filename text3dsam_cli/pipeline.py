@@ -22,6 +22,7 @@ from text3dsam_cli.errors import InputError, Text3DSAMError, UsageError
 from text3dsam_cli.inference import SegmentationResult, Segmenter
 from text3dsam_cli.io import InputItem, Volume, atomic_path, read_volume, write_volume
 from text3dsam_cli.preprocess import DEFAULT_WINDOW, ModalityDecision, normalize_as, resolve_modality
+from text3dsam_cli.prompts import check_known_prompts, match_prompt, prompts_for
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,9 @@ class SegmentOptions:
     probabilities: bool = False
     preview: bool = False
     dicom_seg: bool = False
+    rtstruct: bool = False
     skip_existing: bool = False
+    strict_prompts: bool = False  # refuse prompts that are not phrasings of the vocabulary
 
 
 @dataclass
@@ -126,77 +129,21 @@ def output_stem(path: Path) -> str:
     return str(path)
 
 
-def prompts_for(volume: Volume, prompts: Sequence[str],
-                label_values: Sequence[int] | None = None) -> tuple[list[str], list[int], bool]:
-    """Prompts, label values and the instance flag: given prompts (values 1..K unless given) or the npz's own."""
-    if prompts:
-        values = list(label_values) if label_values is not None else list(range(1, len(prompts) + 1))
-        return list(prompts), values, False
-    stored = volume.meta.get("text_prompts")
-    if not stored:
-        raise InputError("no prompts: give PROMPT arguments (this input carries no text_prompts)", volume.path)
-    stored = dict(stored)
-    instance = bool(int(stored.pop("instance_label", 0) or 0))
-    texts, values = [], []
-    for key, text in stored.items():
-        try:
-            values.append(int(key))
-        except ValueError:
-            raise InputError(f"text_prompts key {key!r} is not a label number", volume.path) from None
-        if isinstance(text, (list, tuple)):  # several phrasings: use the first, as the challenge does
-            text = text[0] if text else ""
-        if not isinstance(text, str) or not text.strip():
-            raise InputError(f"text_prompts[{key!r}] is not a non-empty string", volume.path)
-        texts.append(text)
-    if not texts:
-        raise InputError("text_prompts holds no prompts", volume.path)
-    return texts, values, instance
-
-
-def read_prompt_file(path: str | Path) -> tuple[list[str], list[int]]:
-    """Prompts and label values from a file: JSON ``{"1": "liver", "5": "spleen"}`` (a list of phrasings takes
-    its first), or plain text with one prompt per line (values 1..K; blank lines and ``#`` comments skipped)."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read the prompt file ({exc})", path) from None
-    if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except ValueError as exc:
-            raise InputError(f"invalid JSON ({exc})", path) from None
-        if not isinstance(data, dict) or not data:
-            raise InputError('expected a JSON object {"1": "prompt", ...}', path)
-        prompts, values = [], []
-        for key, value in data.items():
-            if key == "instance_label":
-                continue
-            if isinstance(value, list):
-                value = value[0] if value else ""
-            try:
-                number = int(key)
-            except ValueError:
-                raise InputError(f"key {key!r} is not a label number", path) from None
-            if not isinstance(value, str) or not value.strip() or not 0 < number < 65536:
-                raise InputError(f"entry {key!r} needs a label value 1..65535 and a non-empty prompt", path)
-            prompts.append(value.strip())
-            values.append(number)
-        if len(set(values)) != len(values):
-            raise InputError("label values repeat", path)
-        return prompts, values
-    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    if not prompts:
-        raise InputError("no prompts in the file", path)
-    return prompts, list(range(1, len(prompts) + 1))
-
-
 def label_statistics(labels: np.ndarray, values: Sequence[int], prompts: Sequence[str],
                      voxel_ml: float) -> list[dict[str, Any]]:
     """Per prompt: label value, voxel count and volume in ml."""
     counts = np.bincount(labels.ravel(), minlength=max(values, default=0) + 1)
     return [{"label": int(v), "prompt": p, "voxels": int(counts[v]), "volume_ml": round(float(counts[v]) * voxel_ml, 4)}
             for v, p in zip(values, prompts)]
+
+
+def prompt_values(prompts: Sequence[str], values: Sequence[int]) -> dict[str, int | list[int]]:
+    """The sidecar's ``prompts`` map: prompt -> label value, or -> the list of its values when a prompt is given
+    more than once (so no label is lost; the ``labels`` list stays the full, ordered account)."""
+    grouped: dict[str, list[int]] = {}
+    for prompt, value in zip(prompts, values):
+        grouped.setdefault(prompt, []).append(int(value))
+    return {p: v[0] if len(v) == 1 else v for p, v in grouped.items()}
 
 
 def build_sidecar(item: InputItem, volume: Volume, result: SegmentationResult, model_source: dict[str, Any],
@@ -210,8 +157,9 @@ def build_sidecar(item: InputItem, volume: Volume, result: SegmentationResult, m
         "mode": result.mode,
         "device": result.device,
         "modality": modality,
-        "prompts": {p: v for p, v in zip(result.prompts, result.label_values)},
-        "labels": label_statistics(result.labels, result.label_values, result.prompts, volume.voxel_volume_ml),
+        "prompts": prompt_values(result.prompts, result.label_values),
+        "labels": [{**entry, "vocabulary": match_prompt(entry["prompt"]).to_dict()} for entry in
+                   label_statistics(result.labels, result.label_values, result.prompts, volume.voxel_volume_ml)],
         "geometry": volume.geometry(),
         "outputs": outputs,
         "timings_s": {k: round(v, 4) for k, v in timings.items()},
@@ -327,8 +275,17 @@ class SegmentRun:
         volume: Volume = future.result()
         waited = time.perf_counter() - t_read
         prompts, values, instance = prompts_for(volume, self.prompts, self.label_values)
+        if self.options.strict_prompts:
+            check_known_prompts(prompts, item.path)
         if self.options.dicom_seg and volume.source_format != "dicom":
             raise InputError("--dicom-seg needs a DICOM series input", item.path)
+        if self.options.rtstruct and volume.source_format != "dicom":
+            raise InputError("--rtstruct needs a DICOM series input", item.path)
+        sources = None
+        if self.options.rtstruct:  # refuse a series that cannot be referenced before the model runs
+            from text3dsam_cli.io.dicomseg import read_source_series
+
+            sources = read_source_series(volume, "RTSTRUCT")
         t0 = time.perf_counter()
         scan = prepare_scan(volume, self.options.modality, self.options.window)
         t_pre = time.perf_counter() - t0
@@ -341,14 +298,21 @@ class SegmentRun:
         written: dict[str, str] = {}
         t0 = time.perf_counter()
         stem = output_stem(out)
+        source = str(self.segmenter.model.source.get("model") or "Text3DSAM")
+        name = source if self.segmenter.model.source.get("commit") else f"Text3DSAM ({Path(source).name})"
         if self.options.dicom_seg:  # first: the output most likely to be refused (source UIDs, highdicom)
             from text3dsam_cli.io.dicomseg import write_dicom_seg
 
             path = Path(f"{stem}.seg.dcm")
-            source = str(self.segmenter.model.source.get("model") or "Text3DSAM")
-            name = source if self.segmenter.model.source.get("commit") else f"Text3DSAM ({Path(source).name})"
             write_dicom_seg(volume, result.labels, result.label_values, result.prompts, path, model_name=name)
             written["dicom_seg"] = str(path)
+        if self.options.rtstruct:
+            from text3dsam_cli.io.rtstruct import write_rtstruct
+
+            path = Path(f"{stem}.rtstruct.dcm")
+            write_rtstruct(volume, result.labels, result.label_values, result.prompts, path, model_name=name,
+                           sources=sources)
+            written["rtstruct"] = str(path)
         written["labels"] = str(self._write_labels(volume, result, out))
         suffix = out.name[len(Path(stem).name):]
         if self.options.split:
