@@ -96,7 +96,7 @@ def test_every_target_keeps_each_voxel_at_its_physical_point(seed: int) -> None:
 
 @pytest.mark.parametrize("target", ["LPS", "LAS", "RAS", "PSR", "IRA", "ASL"])
 def test_matches_simpleitk_dicomorient_on_real_scans(target: str) -> None:
-    for path in REAL[:2] + [D2N / "hitachi_anatomical_001" / "dicom"]:  # RAS CT, LPS MR, oblique MR
+    for path in [*REAL[:2], D2N / "hitachi_anatomical_001" / "dicom"]:  # RAS CT, LPS MR, oblique MR
         volume = read_volume(path)
         moved, change = reorient(volume, target)
         expected = sitk.DICOMOrient(volume_to_image(volume), target)
