@@ -21,6 +21,14 @@ from text3dsam_cli import __version__
 from text3dsam_cli.errors import InputError, Text3DSAMError, UsageError
 from text3dsam_cli.inference import SegmentationResult, Segmenter
 from text3dsam_cli.io import InputItem, Volume, atomic_path, read_volume, write_volume
+from text3dsam_cli.orientation import (
+    DEFAULT_ORIENTATION,
+    Reorientation,
+    check_request,
+    check_table,
+    closest_code,
+    reorientation,
+)
 from text3dsam_cli.preprocess import DEFAULT_WINDOW, ModalityDecision, normalize_as, resolve_modality
 
 log = logging.getLogger(__name__)
@@ -40,6 +48,7 @@ class SegmentOptions:
     series_uid: str | None = None
     modality: str | None = None
     window: str = DEFAULT_WINDOW
+    orientation: str = "auto"  # "auto" (the model's table), "native" or a code such as "LAS"
     split: bool = False
     probabilities: bool = False
     preview: bool = False
@@ -200,7 +209,8 @@ def label_statistics(labels: np.ndarray, values: Sequence[int], prompts: Sequenc
 
 
 def build_sidecar(item: InputItem, volume: Volume, result: SegmentationResult, model_source: dict[str, Any],
-                  modality: dict[str, Any], outputs: dict[str, str], timings: dict[str, float]) -> dict[str, Any]:
+                  modality: dict[str, Any], outputs: dict[str, str], timings: dict[str, float],
+                  orientation: dict[str, Any] | None = None) -> dict[str, Any]:
     """The JSON written beside each output."""
     return {
         "text3dsam_version": __version__,
@@ -210,6 +220,7 @@ def build_sidecar(item: InputItem, volume: Volume, result: SegmentationResult, m
         "mode": result.mode,
         "device": result.device,
         "modality": modality,
+        "orientation": orientation,
         "prompts": {p: v for p, v in zip(result.prompts, result.label_values)},
         "labels": label_statistics(result.labels, result.label_values, result.prompts, volume.voxel_volume_ml),
         "geometry": volume.geometry(),
@@ -228,19 +239,24 @@ def write_json(data: dict[str, Any], path: Path) -> None:
 class PreparedScan:
     """A scan made ready for the model: the 0..255 float32 image and everything needed to map results back.
 
-    ``image`` and ``spacing`` (x, y, z mm) are what the model sees; :meth:`to_input_grid` brings an array
-    computed on ``image``'s grid (a label map, or (K, z, y, x) probabilities) back onto the input volume's
-    exact grid. ``describe`` is the sidecar's account of the preprocessing.
+    ``image`` and ``spacing`` (x, y, z mm) are what the model sees, in the orientation the model expects;
+    :meth:`to_input_grid` brings an array computed on ``image``'s grid (a label map, or (K, z, y, x)
+    probabilities) back onto the input volume's exact grid. ``describe`` is the sidecar's account of the
+    preprocessing, ``orientation`` its ``{"input": code, "model": code, "source": ..., "detail": ...}``.
     """
 
     image: np.ndarray
     spacing: tuple[float, float, float]
     modality: ModalityDecision
-    window: str
+    window: str | tuple[float, float]
+    orientation: dict[str, Any] = field(default_factory=dict)
+    reorientation: Reorientation | None = None
 
     def to_input_grid(self, array: np.ndarray) -> np.ndarray:
-        """An array on the model's grid (trailing axes z, y, x) on the input volume's grid."""
-        return array
+        """An array on the model's grid (trailing axes z, y, x) on the input volume's grid (C-contiguous)."""
+        if self.reorientation is None or self.reorientation.is_identity:
+            return array
+        return np.ascontiguousarray(self.reorientation.undo(array))
 
     def describe(self) -> dict[str, Any]:
         """JSON-friendly description of the modality decision and the normalisation."""
@@ -252,12 +268,53 @@ class PreparedScan:
         return info
 
 
-def prepare_scan(volume: Volume, modality: str | None = None, window: str = DEFAULT_WINDOW) -> PreparedScan:
-    """Decide the modality once, normalise the intensities, and record how to map results back."""
+def orientation_target(volume: Volume, modality: str | None, request: str = "auto",
+                       table: dict[str, Any] | None = None) -> tuple[str | None, dict[str, Any]]:
+    """The code the model should see ``volume`` in (None: as stored) and the sidecar's account of why.
+
+    ``request`` is ``auto`` (the entry of ``table`` for ``modality``; ``table`` None means the published
+    model's :data:`~text3dsam_cli.orientation.DEFAULT_ORIENTATION`), ``native`` or a code. Challenge npz
+    inputs are never reoriented: their arrays are exactly what the model was trained on.
+    """
+    request = check_request(request)
+    if volume.source_format == "npz":
+        return None, {"input": None, "model": None, "source": "npz",
+                      "detail": "challenge npz arrays reach the model as stored"}
+    code = closest_code(volume.direction)
+    if request == "native":
+        target, source, detail = None, "native", "--orientation native: as stored"
+    elif request != "auto":
+        target, source, detail = request, "override", "given explicitly"
+    else:
+        known = dict(DEFAULT_ORIENTATION) if table is None else check_table(table)
+        where = "the published model's default table" if table is None else "the checkpoint's inference.orientation"
+        target = known.get(modality or "")
+        source = "default" if table is None else "checkpoint"
+        detail = (f"{modality} -> {target} from {where}" if target else
+                  f"modality {modality} is not in {where}: as stored")
+    return target, {"input": code, "model": target or code, "source": source, "detail": detail}
+
+
+def prepare_scan(volume: Volume, modality: str | None = None, window: str | tuple[float, float] = DEFAULT_WINDOW,
+                 orientation: str = "auto", table: dict[str, Any] | None = None) -> PreparedScan:
+    """Decide the modality once, reorient to the model's orientation, normalise, and record how to map back.
+
+    ``orientation`` and ``table``: see :func:`orientation_target`. Reorienting is a pure permutation/flip of
+    the axes (never a resampling); the spacing follows the permutation.
+    """
     decision = resolve_modality(volume, modality)
+    target, info = orientation_target(volume, decision.modality, orientation, table)
+    change = None
+    if target is not None:
+        change = reorientation(volume.direction, volume.shape, target)
+        if not change.is_identity:
+            # One copy in the stored dtype, so normalisation reads (and the model gets) C-ordered memory.
+            moved = change.volume(volume)
+            volume = Volume(np.ascontiguousarray(moved.array), moved.spacing, moved.origin, moved.direction,
+                            volume.path, volume.source_format, volume.modality, volume.meta)
     image = normalize_as(volume, decision, window)
     return PreparedScan(image=image, spacing=tuple(float(s) for s in volume.spacing),  # type: ignore[arg-type]
-                        modality=decision, window=window)
+                        modality=decision, window=window, orientation=info, reorientation=change)
 
 
 class SegmentRun:
@@ -275,6 +332,9 @@ class SegmentRun:
         if any(not p.strip() for p in self.prompts):
             raise UsageError("empty prompt: prompts must contain text")
         self.options = options
+        self.orientation = check_request(options.orientation)
+        recorded = (segmenter.model.config.inference or {}).get("orientation")
+        self.orientation_table = None if recorded is None else check_table(recorded)
         self.on_event = on_event or (lambda kind, data: None)
 
     def _read(self, item: InputItem) -> Volume:
@@ -330,7 +390,8 @@ class SegmentRun:
         if self.options.dicom_seg and volume.source_format != "dicom":
             raise InputError("--dicom-seg needs a DICOM series input", item.path)
         t0 = time.perf_counter()
-        scan = prepare_scan(volume, self.options.modality, self.options.window)
+        scan = prepare_scan(volume, self.options.modality, self.options.window, self.orientation,
+                            self.orientation_table)
         t_pre = time.perf_counter() - t0
         result = self.segmenter.segment(scan.image, prompts, values, spacing=scan.spacing, instance=instance,
                                         keep_probabilities=self.options.probabilities)
@@ -366,7 +427,7 @@ class SegmentRun:
             written["preview"] = str(path)
         timings = {"read_wait": waited, "preprocess": t_pre, **result.timings, "write": time.perf_counter() - t0}
         sidecar = build_sidecar(item, volume, result, dict(self.segmenter.model.source), scan.describe(), written,
-                                timings)
+                                timings, scan.orientation)
         sidecar_path = Path(f"{stem}.json")
         write_json(sidecar, sidecar_path)
         files = [written["labels"], *[v for k, v in written.items() if k != "labels"], str(sidecar_path)]

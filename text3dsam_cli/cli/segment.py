@@ -45,6 +45,10 @@ def segment_command(
                                  "heuristic: CT if the minimum is below -500)."),
     window: str = typer.Option("soft_tissue", "--window", help="CT window: soft_tissue (W400/L40), lung "
                                "(W1500/L-600), bone (W1500/L500) or 'level,width'."),
+    orientation: str = typer.Option("auto", "--orientation", help="Voxel order the model sees: auto (the "
+                                    "model's table per modality: CT/PT LAS, MR LPS for the published model; "
+                                    "others as stored), native (as stored) or a code such as LAS. Outputs "
+                                    "are always on the input's grid."),
     split: bool = typer.Option(False, "--split", help="Also write one binary mask per prompt."),
     probabilities: bool = typer.Option(False, "--probabilities", help="Also write per-prompt probabilities "
                                        "(float16 in npz, float32 in NIfTI/NRRD/MHA)."),
@@ -68,6 +72,7 @@ def segment_command(
     from text3dsam_cli.inference import Segmenter
     from text3dsam_cli.io import expand_inputs, image_format, select_shard
     from text3dsam_cli.model import load_model
+    from text3dsam_cli.orientation import check_request
     from text3dsam_cli.pipeline import SegmentOptions, SegmentRun, read_prompt_file
 
     prompts = list(prompts or [])
@@ -82,12 +87,16 @@ def segment_command(
         if prompts:
             raise UsageError("give PROMPT arguments or --prompt-file, not both")
         prompts, label_values = read_prompt_file(prompt_file)
+    try:
+        orientation = check_request(orientation)
+    except UsageError as exc:
+        raise UsageError(f"--orientation: {exc}") from None
     target_spacing = parse_triple(spacing, "--spacing", float, "1.5,1.5,3 (mm, x,y,z)")
     set_threads(threads)
     items = select_shard(expand_inputs([input], stdin=sys.stdin if input == "-" else None), shard)
     options = SegmentOptions(output=output, fmt=fmt, series_uid=series, modality=modality, window=window,
-                             split=split, probabilities=probabilities, preview=preview, dicom_seg=dicom_seg,
-                             skip_existing=skip_existing)
+                             orientation=orientation, split=split, probabilities=probabilities, preview=preview,
+                             dicom_seg=dicom_seg, skip_existing=skip_existing)
     if not quiet:
         err_console.print(f"[dim]{len(items)} input(s); loading model…[/]")
     net = load_model(model, revision)
