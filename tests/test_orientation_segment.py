@@ -25,8 +25,8 @@ CT_SERIES = DATA / "dicom" / "totalsegmentator_ct" / "dicom"
 D2N = DATA / "dicom" / "dicom2nifti"
 MR_CASES = sorted(p.parent.name for p in D2N.glob("*/dicom"))
 CT_ORDERS = ("RAS", "LAS", "PSR")
-CT_PROMPTS = ["liver", "spleen", "left kidney"]
-MR_PROMPTS = ["brain", "white matter", "lateral ventricles"]
+CT_PROMPTS = ["liver", "spleen"]
+MR_PROMPTS = ["brain", "lateral ventricles"]
 
 
 def _ct_inputs(folder: Path) -> list[Path]:
@@ -56,6 +56,8 @@ def _segment_all(checkpoint: Path, groups: dict[str, list[Path]], out: Path, *ex
     written = {}
     for name, prompts in (("ct", CT_PROMPTS), ("mr", MR_PROMPTS)):
         wanted = {k: v for k, v in groups.items() if k.startswith(name)}
+        if not wanted:
+            continue
         listing = "\n".join(str(p) for paths in wanted.values() for p in paths) + "\n"
         result = CliRunner().invoke(app, ["segment", "-", *prompts, "-m", str(checkpoint), "-o", str(out / name),
                                           "--json", "-q", *extra], input=listing)
@@ -100,13 +102,14 @@ def test_model_sees_identical_arrays_whatever_the_storage_order(tmp_path):
 def test_every_storage_order_gives_the_same_label_map(small_checkpoint, tmp_path, capsys):
     groups = {"ct": _ct_inputs(tmp_path), **{f"mr:{c}": _mr_inputs(c) for c in MR_CASES}}
     figures = _agreements(_segment_all(small_checkpoint, groups, tmp_path / "auto"))
-    native = _agreements(_segment_all(small_checkpoint, {"ct": groups["ct"]}, tmp_path / "native",
-                                      "--orientation", "native"))
+    ct_psr = [groups["ct"][0], groups["ct"][-1]]  # the series and its PSR copy, as stored
+    native = _agreements(_segment_all(small_checkpoint, {"ct": ct_psr}, tmp_path / "native", "--orientation",
+                                      "native"))
     with capsys.disabled():
         print("\nagreement with the DICOM read, in one physical frame (auto):")
         for name, row in figures.items():
             print(f"  {name}: {', '.join(f'{v:.6f}' for v in row)}")
-        print(f"  ct with --orientation native: {', '.join(f'{v:.6f}' for v in native['ct'])}")
+        print(f"  ct PSR with --orientation native: {native['ct'][0]:.6f}")
     worst = min(v for row in figures.values() for v in row)
     assert worst >= 0.999
     assert min(native["ct"]) < worst  # the check can fail: stored order changes the answer without reorienting
