@@ -113,3 +113,48 @@ def test_every_storage_order_gives_the_same_label_map(small_checkpoint, tmp_path
     worst = min(v for row in figures.values() for v in row)
     assert worst >= 0.999
     assert min(native["ct"]) < worst  # the check can fail: stored order changes the answer without reorienting
+
+
+CT_NIFTI = DATA / "nifti" / "totalsegmentator" / "example_ct_sm.nii.gz"
+
+
+def _segment(*args):
+    return CliRunner().invoke(app, ["segment", *map(str, args)])
+
+
+def test_bad_orientation_is_a_usage_error_before_anything_runs(tmp_path):
+    result = _segment(CT_NIFTI, "liver", "-m", tmp_path / "no-model", "-o", tmp_path / "out", "--orientation", "LAX")
+    assert result.exit_code == 2
+    assert result.stderr.strip().count("\n") == 0 and "--orientation" in result.stderr and "LAX" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_sidecar_records_orientation_and_checkpoint_table_wins(small_checkpoint, tmp_path):
+    import shutil
+
+    auto = _segment(CT_NIFTI, "liver", "-m", small_checkpoint, "-o", tmp_path / "a.nii.gz")
+    assert auto.exit_code == 0, auto.output
+    info = json.loads((tmp_path / "a.json").read_text())["orientation"]
+    assert (info["input"], info["model"], info["source"]) == ("RAS", "LAS", "default")
+    native = _segment(CT_NIFTI, "liver", "-m", small_checkpoint, "-o", tmp_path / "n.nii.gz", "--orientation",
+                      "native")
+    assert native.exit_code == 0, native.output
+    assert json.loads((tmp_path / "n.json").read_text())["orientation"]["model"] == "RAS"
+    # a checkpoint that records its own table (as train/finetune write it)
+    own = tmp_path / "own"
+    shutil.copytree(small_checkpoint, own)
+    config = json.loads((own / "config.json").read_text())
+    config["inference"] = {"orientation": {"CT": "RAS"}}
+    (own / "config.json").write_text(json.dumps(config))
+    result = _segment(CT_NIFTI, "liver", "-m", own, "-o", tmp_path / "o.nii.gz")
+    assert result.exit_code == 0, result.output
+    info = json.loads((tmp_path / "o.json").read_text())["orientation"]
+    assert (info["model"], info["source"]) == ("RAS", "checkpoint")
+    same = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "o.nii.gz")))
+    assert np.array_equal(same, sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "n.nii.gz"))))
+    # npz inputs never move
+    npz = _segment(DATA / "challenge" / "MR_BraTS-T1c_bratsgli_0017.npz", "-m", small_checkpoint, "-o",
+                   tmp_path / "npz", "--orientation", "RAS")
+    assert npz.exit_code == 0, npz.output
+    info = json.loads((tmp_path / "npz" / "MR_BraTS-T1c_bratsgli_0017.json").read_text())["orientation"]
+    assert info["source"] == "npz" and info["model"] is None
