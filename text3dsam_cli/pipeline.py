@@ -30,6 +30,7 @@ from text3dsam_cli.orientation import (
     reorientation,
 )
 from text3dsam_cli.preprocess import DEFAULT_WINDOW, ModalityDecision, normalize_as, resolve_modality
+from text3dsam_cli.quality import assess_labels
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,8 @@ class SegmentOptions:
     modality: str | None = None
     window: str = DEFAULT_WINDOW
     orientation: str = "auto"  # "auto" (the model's table), "native" or a code such as "LAS"
+    largest_component: bool = False  # keep one connected component per label
+    min_size_ml: float | None = None  # drop components smaller than this
     split: bool = False
     probabilities: bool = False
     preview: bool = False
@@ -201,16 +204,18 @@ def read_prompt_file(path: str | Path) -> tuple[list[str], list[int]]:
 
 
 def label_statistics(labels: np.ndarray, values: Sequence[int], prompts: Sequence[str],
-                     voxel_ml: float) -> list[dict[str, Any]]:
-    """Per prompt: label value, voxel count and volume in ml."""
+                     voxel_ml: float, quality: dict[int, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Per prompt: label value, voxel count, volume in ml, and the :mod:`~text3dsam_cli.quality` figures."""
     counts = np.bincount(labels.ravel(), minlength=max(values, default=0) + 1)
-    return [{"label": int(v), "prompt": p, "voxels": int(counts[v]), "volume_ml": round(float(counts[v]) * voxel_ml, 4)}
+    return [{"label": int(v), "prompt": p, "voxels": int(counts[v]), "volume_ml": round(float(counts[v]) * voxel_ml, 4),
+             **(quality or {}).get(int(v), {})}
             for v, p in zip(values, prompts)]
 
 
 def build_sidecar(item: InputItem, volume: Volume, result: SegmentationResult, model_source: dict[str, Any],
                   modality: dict[str, Any], outputs: dict[str, str], timings: dict[str, float],
-                  orientation: dict[str, Any] | None = None) -> dict[str, Any]:
+                  orientation: dict[str, Any] | None = None,
+                  quality: dict[int, dict[str, Any]] | None = None) -> dict[str, Any]:
     """The JSON written beside each output."""
     return {
         "text3dsam_version": __version__,
@@ -222,7 +227,8 @@ def build_sidecar(item: InputItem, volume: Volume, result: SegmentationResult, m
         "modality": modality,
         "orientation": orientation,
         "prompts": {p: v for p, v in zip(result.prompts, result.label_values)},
-        "labels": label_statistics(result.labels, result.label_values, result.prompts, volume.voxel_volume_ml),
+        "labels": label_statistics(result.labels, result.label_values, result.prompts, volume.voxel_volume_ml,
+                                   quality),
         "geometry": volume.geometry(),
         "outputs": outputs,
         "timings_s": {k: round(v, 4) for k, v in timings.items()},
@@ -333,6 +339,8 @@ class SegmentRun:
             raise UsageError("empty prompt: prompts must contain text")
         self.options = options
         self.orientation = check_request(options.orientation)
+        if options.min_size_ml is not None and not options.min_size_ml >= 0:
+            raise UsageError("--min-size-ml must be a volume in ml >= 0")
         recorded = (segmenter.model.config.inference or {}).get("orientation")
         self.orientation_table = None if recorded is None else check_table(recorded)
         self.on_event = on_event or (lambda kind, data: None)
@@ -399,6 +407,11 @@ class SegmentRun:
         result.labels = scan.to_input_grid(result.labels)
         if result.probabilities is not None:
             result.probabilities = scan.to_input_grid(result.probabilities)
+        t0 = time.perf_counter()
+        # Clean-up (if asked) happens here, before any output is written, so every output agrees.
+        quality = assess_labels(result.labels, result.label_values, volume.voxel_volume_ml,
+                                self.options.largest_component, self.options.min_size_ml)
+        t_quality = time.perf_counter() - t0
         written: dict[str, str] = {}
         t0 = time.perf_counter()
         stem = output_stem(out)
@@ -425,9 +438,10 @@ class SegmentRun:
             path = Path(f"{stem}_preview.png")
             write_preview(volume, result.labels, result.label_values, result.prompts, path)
             written["preview"] = str(path)
-        timings = {"read_wait": waited, "preprocess": t_pre, **result.timings, "write": time.perf_counter() - t0}
+        timings = {"read_wait": waited, "preprocess": t_pre, **result.timings, "quality": t_quality,
+                   "write": time.perf_counter() - t0}
         sidecar = build_sidecar(item, volume, result, dict(self.segmenter.model.source), scan.describe(), written,
-                                timings, scan.orientation)
+                                timings, scan.orientation, quality)
         sidecar_path = Path(f"{stem}.json")
         write_json(sidecar, sidecar_path)
         files = [written["labels"], *[v for k, v in written.items() if k != "labels"], str(sidecar_path)]
