@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from text3dsam_cli import __version__
-from text3dsam_cli.errors import InputError, Text3DSAMError, UsageError
+from text3dsam_cli.errors import CheckpointError, InputError, Text3DSAMError, UsageError
 from text3dsam_cli.inference import SegmentationResult, Segmenter
 from text3dsam_cli.io import InputItem, Volume, atomic_path, read_volume, write_volume
 from text3dsam_cli.orientation import (
@@ -342,7 +342,10 @@ class SegmentRun:
         if options.min_size_ml is not None and not options.min_size_ml >= 0:
             raise UsageError("--min-size-ml must be a volume in ml >= 0")
         recorded = (segmenter.model.config.inference or {}).get("orientation")
-        self.orientation_table = None if recorded is None else check_table(recorded)
+        try:
+            self.orientation_table = None if recorded is None else check_table(recorded)
+        except UsageError as exc:
+            raise CheckpointError(f"config.json: {exc}", segmenter.model.source.get("model")) from None
         self.on_event = on_event or (lambda kind, data: None)
 
     def _read(self, item: InputItem) -> Volume:
