@@ -24,6 +24,7 @@ from text3dsam_cli.training import (
     discover_cases,
     finetune,
     list_checkpoints,
+    load_case,
     match_dataset,
     new_model,
     parse_freeze,
@@ -186,6 +187,24 @@ def test_nnunet_folder(nnunet_folder):
     assert float(image.min()) >= 0 and float(image.max()) <= 255.0  # CT windowed like `segment` does
 
 
+def test_nnunet_images_and_labels_reoriented_like_segment(nnunet_folder):
+    """The RAS CT reaches training in the table's CT orientation (LAS), its label map with it; npz stay as stored."""
+    from text3dsam_cli.orientation import reorient
+    from text3dsam_cli.pipeline import prepare_scan
+
+    case = discover_cases(nnunet_folder).cases[0]
+    ct, seg = read_volume(TOTALSEG / "example_ct_sm.nii.gz"), read_volume(TOTALSEG / "example_seg.nii.gz")
+    image, labels = load_case(case)
+    scan = prepare_scan(ct)
+    assert scan.orientation["input"] == "RAS" and scan.orientation["model"] == "LAS"
+    assert np.array_equal(image, scan.image)
+    assert np.array_equal(labels, reorient(seg, "LAS")[0].array)
+    assert not np.array_equal(labels, seg.array)  # RAS -> LAS flips x: something did move
+    native_image, native_labels = load_case(case, orientation={"CT": "RAS"})  # a checkpoint's own table
+    assert np.array_equal(native_labels, seg.array)
+    assert np.array_equal(native_image, prepare_scan(ct, orientation="native").image)
+
+
 def test_nnunet_inverted_labels_and_prompt_file(tmp_path):
     root = _nnunet(tmp_path / "inv", {"0": "background", "1": "spleen", "5": ["liver", "liver in abdominal CT"]})
     classes = discover_cases(root).cases[0].classes
@@ -273,6 +292,8 @@ def test_few_steps_each_layout(request, tmp_path, tiny_checkpoint, layout):
     assert [r["step"] for r in records] == [1, 2]
     assert all(math.isfinite(r["loss"]) and r["seconds"] > 0 for r in records)
     assert (out / "config.json").is_file() and (out / "training_args.json").is_file()
+    config = json.loads((out / "config.json").read_text())  # what segment will reorient by
+    assert config["inference"]["orientation"] == {"CT": "LAS", "PT": "LAS", "MR": "LPS"}
     assert not list_checkpoints(out)
 
 

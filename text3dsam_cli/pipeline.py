@@ -18,11 +18,20 @@ from typing import Any
 import numpy as np
 
 from text3dsam_cli import __version__
-from text3dsam_cli.errors import InputError, Text3DSAMError, UsageError
+from text3dsam_cli.errors import CheckpointError, InputError, Text3DSAMError, UsageError
 from text3dsam_cli.inference import SegmentationResult, Segmenter
 from text3dsam_cli.io import InputItem, Volume, atomic_path, read_volume, write_volume
+from text3dsam_cli.orientation import (
+    DEFAULT_ORIENTATION,
+    Reorientation,
+    check_request,
+    check_table,
+    closest_code,
+    reorientation,
+)
 from text3dsam_cli.preprocess import DEFAULT_WINDOW, ModalityDecision, normalize_as, resolve_modality
 from text3dsam_cli.prompts import check_known_prompts, match_prompt, prompts_for
+from text3dsam_cli.quality import assess_labels
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +50,9 @@ class SegmentOptions:
     series_uid: str | None = None
     modality: str | None = None
     window: str = DEFAULT_WINDOW
+    orientation: str = "auto"  # "auto" (the model's table), "native" or a code such as "LAS"
+    largest_component: bool = False  # keep one connected component per label
+    min_size_ml: float | None = None  # drop components smaller than this
     split: bool = False
     probabilities: bool = False
     preview: bool = False
@@ -130,10 +142,11 @@ def output_stem(path: Path) -> str:
 
 
 def label_statistics(labels: np.ndarray, values: Sequence[int], prompts: Sequence[str],
-                     voxel_ml: float) -> list[dict[str, Any]]:
-    """Per prompt: label value, voxel count and volume in ml."""
+                     voxel_ml: float, quality: dict[int, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Per prompt: label value, voxel count, volume in ml, and the :mod:`~text3dsam_cli.quality` figures."""
     counts = np.bincount(labels.ravel(), minlength=max(values, default=0) + 1)
-    return [{"label": int(v), "prompt": p, "voxels": int(counts[v]), "volume_ml": round(float(counts[v]) * voxel_ml, 4)}
+    return [{"label": int(v), "prompt": p, "voxels": int(counts[v]), "volume_ml": round(float(counts[v]) * voxel_ml, 4),
+             **(quality or {}).get(int(v), {})}
             for v, p in zip(values, prompts)]
 
 
@@ -147,7 +160,9 @@ def prompt_values(prompts: Sequence[str], values: Sequence[int]) -> dict[str, in
 
 
 def build_sidecar(item: InputItem, volume: Volume, result: SegmentationResult, model_source: dict[str, Any],
-                  modality: dict[str, Any], outputs: dict[str, str], timings: dict[str, float]) -> dict[str, Any]:
+                  modality: dict[str, Any], outputs: dict[str, str], timings: dict[str, float],
+                  orientation: dict[str, Any] | None = None,
+                  quality: dict[int, dict[str, Any]] | None = None) -> dict[str, Any]:
     """The JSON written beside each output."""
     return {
         "text3dsam_version": __version__,
@@ -157,9 +172,11 @@ def build_sidecar(item: InputItem, volume: Volume, result: SegmentationResult, m
         "mode": result.mode,
         "device": result.device,
         "modality": modality,
+        "orientation": orientation,
         "prompts": prompt_values(result.prompts, result.label_values),
         "labels": [{**entry, "vocabulary": match_prompt(entry["prompt"]).to_dict()} for entry in
-                   label_statistics(result.labels, result.label_values, result.prompts, volume.voxel_volume_ml)],
+                   label_statistics(result.labels, result.label_values, result.prompts,
+                                    volume.voxel_volume_ml, quality)],
         "geometry": volume.geometry(),
         "outputs": outputs,
         "timings_s": {k: round(v, 4) for k, v in timings.items()},
@@ -176,19 +193,24 @@ def write_json(data: dict[str, Any], path: Path) -> None:
 class PreparedScan:
     """A scan made ready for the model: the 0..255 float32 image and everything needed to map results back.
 
-    ``image`` and ``spacing`` (x, y, z mm) are what the model sees; :meth:`to_input_grid` brings an array
-    computed on ``image``'s grid (a label map, or (K, z, y, x) probabilities) back onto the input volume's
-    exact grid. ``describe`` is the sidecar's account of the preprocessing.
+    ``image`` and ``spacing`` (x, y, z mm) are what the model sees, in the orientation the model expects;
+    :meth:`to_input_grid` brings an array computed on ``image``'s grid (a label map, or (K, z, y, x)
+    probabilities) back onto the input volume's exact grid. ``describe`` is the sidecar's account of the
+    preprocessing, ``orientation`` its ``{"input": code, "model": code, "source": ..., "detail": ...}``.
     """
 
     image: np.ndarray
     spacing: tuple[float, float, float]
     modality: ModalityDecision
-    window: str
+    window: str | tuple[float, float]
+    orientation: dict[str, Any] = field(default_factory=dict)
+    reorientation: Reorientation | None = None
 
     def to_input_grid(self, array: np.ndarray) -> np.ndarray:
-        """An array on the model's grid (trailing axes z, y, x) on the input volume's grid."""
-        return array
+        """An array on the model's grid (trailing axes z, y, x) on the input volume's grid (C-contiguous)."""
+        if self.reorientation is None or self.reorientation.is_identity:
+            return array
+        return np.ascontiguousarray(self.reorientation.undo(array))
 
     def describe(self) -> dict[str, Any]:
         """JSON-friendly description of the modality decision and the normalisation."""
@@ -200,12 +222,53 @@ class PreparedScan:
         return info
 
 
-def prepare_scan(volume: Volume, modality: str | None = None, window: str = DEFAULT_WINDOW) -> PreparedScan:
-    """Decide the modality once, normalise the intensities, and record how to map results back."""
+def orientation_target(volume: Volume, modality: str | None, request: str = "auto",
+                       table: dict[str, Any] | None = None) -> tuple[str | None, dict[str, Any]]:
+    """The code the model should see ``volume`` in (None: as stored) and the sidecar's account of why.
+
+    ``request`` is ``auto`` (the entry of ``table`` for ``modality``; ``table`` None means the published
+    model's :data:`~text3dsam_cli.orientation.DEFAULT_ORIENTATION`), ``native`` or a code. Challenge npz
+    inputs are never reoriented: their arrays are exactly what the model was trained on.
+    """
+    request = check_request(request)
+    if volume.source_format == "npz":
+        return None, {"input": None, "model": None, "source": "npz",
+                      "detail": "challenge npz arrays reach the model as stored"}
+    code = closest_code(volume.direction)
+    if request == "native":
+        target, source, detail = None, "native", "--orientation native: as stored"
+    elif request != "auto":
+        target, source, detail = request, "override", "given explicitly"
+    else:
+        known = dict(DEFAULT_ORIENTATION) if table is None else check_table(table)
+        where = "the published model's default table" if table is None else "the checkpoint's inference.orientation"
+        target = known.get(modality or "")
+        source = "default" if table is None else "checkpoint"
+        detail = (f"{modality} -> {target} from {where}" if target else
+                  f"modality {modality} is not in {where}: as stored")
+    return target, {"input": code, "model": target or code, "source": source, "detail": detail}
+
+
+def prepare_scan(volume: Volume, modality: str | None = None, window: str | tuple[float, float] = DEFAULT_WINDOW,
+                 orientation: str = "auto", table: dict[str, Any] | None = None) -> PreparedScan:
+    """Decide the modality once, reorient to the model's orientation, normalise, and record how to map back.
+
+    ``orientation`` and ``table``: see :func:`orientation_target`. Reorienting is a pure permutation/flip of
+    the axes (never a resampling); the spacing follows the permutation.
+    """
     decision = resolve_modality(volume, modality)
+    target, info = orientation_target(volume, decision.modality, orientation, table)
+    change = None
+    if target is not None:
+        change = reorientation(volume.direction, volume.shape, target)
+        if not change.is_identity:
+            # One copy in the stored dtype, so normalisation reads (and the model gets) C-ordered memory.
+            moved = change.volume(volume)
+            volume = Volume(np.ascontiguousarray(moved.array), moved.spacing, moved.origin, moved.direction,
+                            volume.path, volume.source_format, volume.modality, volume.meta)
     image = normalize_as(volume, decision, window)
     return PreparedScan(image=image, spacing=tuple(float(s) for s in volume.spacing),  # type: ignore[arg-type]
-                        modality=decision, window=window)
+                        modality=decision, window=window, orientation=info, reorientation=change)
 
 
 class SegmentRun:
@@ -223,6 +286,14 @@ class SegmentRun:
         if any(not p.strip() for p in self.prompts):
             raise UsageError("empty prompt: prompts must contain text")
         self.options = options
+        self.orientation = check_request(options.orientation)
+        if options.min_size_ml is not None and not options.min_size_ml >= 0:
+            raise UsageError("--min-size-ml must be a volume in ml >= 0")
+        recorded = (segmenter.model.config.inference or {}).get("orientation")
+        try:
+            self.orientation_table = None if recorded is None else check_table(recorded)
+        except UsageError as exc:
+            raise CheckpointError(f"config.json: {exc}", segmenter.model.source.get("model")) from None
         self.on_event = on_event or (lambda kind, data: None)
 
     def _read(self, item: InputItem) -> Volume:
@@ -287,7 +358,8 @@ class SegmentRun:
 
             sources = read_source_series(volume, "RTSTRUCT")
         t0 = time.perf_counter()
-        scan = prepare_scan(volume, self.options.modality, self.options.window)
+        scan = prepare_scan(volume, self.options.modality, self.options.window, self.orientation,
+                            self.orientation_table)
         t_pre = time.perf_counter() - t0
         result = self.segmenter.segment(scan.image, prompts, values, spacing=scan.spacing, instance=instance,
                                         keep_probabilities=self.options.probabilities)
@@ -295,6 +367,11 @@ class SegmentRun:
         result.labels = scan.to_input_grid(result.labels)
         if result.probabilities is not None:
             result.probabilities = scan.to_input_grid(result.probabilities)
+        t0 = time.perf_counter()
+        # Clean-up (if asked) happens here, before any output is written, so every output agrees.
+        quality = assess_labels(result.labels, result.label_values, volume.voxel_volume_ml,
+                                self.options.largest_component, self.options.min_size_ml)
+        t_quality = time.perf_counter() - t0
         written: dict[str, str] = {}
         t0 = time.perf_counter()
         stem = output_stem(out)
@@ -328,9 +405,10 @@ class SegmentRun:
             path = Path(f"{stem}_preview.png")
             write_preview(volume, result.labels, result.label_values, result.prompts, path)
             written["preview"] = str(path)
-        timings = {"read_wait": waited, "preprocess": t_pre, **result.timings, "write": time.perf_counter() - t0}
+        timings = {"read_wait": waited, "preprocess": t_pre, **result.timings, "quality": t_quality,
+                   "write": time.perf_counter() - t0}
         sidecar = build_sidecar(item, volume, result, dict(self.segmenter.model.source), scan.describe(), written,
-                                timings)
+                                timings, scan.orientation, quality)
         sidecar_path = Path(f"{stem}.json")
         write_json(sidecar, sidecar_path)
         files = [written["labels"], *[v for k, v in written.items() if k != "labels"], str(sidecar_path)]

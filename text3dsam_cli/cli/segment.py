@@ -9,11 +9,31 @@ import traceback
 from typing import Any
 
 import typer
+from rich import box
 from rich.markup import escape
+from rich.table import Table
 
 from text3dsam_cli.cli.app import app, err_console, handle_errors, is_debug, parse_triple
 from text3dsam_cli.cli.model_cmds import MODEL_HELP
 from text3dsam_cli.errors import UsageError
+
+
+def quality_table(labels: list[dict[str, Any]]) -> Table:
+    """The per-scan stderr table: prompt, volume, components and flags of each label."""
+    from text3dsam_cli.quality import flags
+
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+    table.add_column("label", justify="right")
+    table.add_column("prompt", overflow="fold", max_width=48)
+    table.add_column("ml", justify="right")
+    table.add_column("components", justify="right")
+    table.add_column("flags")
+    for entry in labels:
+        marks = flags(entry)
+        style = "yellow" if marks else ""
+        table.add_row(str(entry["label"]), escape(str(entry["prompt"])), f"{entry['volume_ml']:.1f}",
+                      str(entry.get("components", "")), f"[{style}]{', '.join(marks)}[/]" if marks else "")
+    return table
 
 
 @app.command("segment")
@@ -45,6 +65,14 @@ def segment_command(
                                  "heuristic: CT if the minimum is below -500)."),
     window: str = typer.Option("soft_tissue", "--window", help="CT window: soft_tissue (W400/L40), lung "
                                "(W1500/L-600), bone (W1500/L500) or 'level,width'."),
+    orientation: str = typer.Option("auto", "--orientation", help="Voxel order the model sees: auto (the "
+                                    "model's table per modality: CT/PT LAS, MR LPS for the published model; "
+                                    "others as stored), native (as stored) or a code such as LAS. Outputs "
+                                    "are always on the input's grid."),
+    largest_component: bool = typer.Option(False, "--largest-component", help="Keep only the largest "
+                                           "26-connected component of each label (before any output is written)."),
+    min_size_ml: float = typer.Option(None, "--min-size-ml", help="Drop components smaller than this many ml "
+                                      "from each label (before any output is written)."),
     split: bool = typer.Option(False, "--split", help="Also write one binary mask per prompt."),
     probabilities: bool = typer.Option(False, "--probabilities", help="Also write per-prompt probabilities "
                                        "(float16 in npz, float32 in NIfTI/NRRD/MHA)."),
@@ -73,6 +101,7 @@ def segment_command(
     from text3dsam_cli.inference import Segmenter
     from text3dsam_cli.io import expand_inputs, image_format, select_shard
     from text3dsam_cli.model import load_model
+    from text3dsam_cli.orientation import check_request
     from text3dsam_cli.pipeline import SegmentOptions, SegmentRun
     from text3dsam_cli.prompts import describe_unknown, match_prompt, read_prompt_file, unknown_prompts
 
@@ -105,12 +134,18 @@ def segment_command(
 
         if not skimage_available():
             raise UsageError(f"--rtstruct: {MISSING_SKIMAGE}")
+    try:
+        orientation = check_request(orientation)
+    except UsageError as exc:
+        raise UsageError(f"--orientation: {exc}") from None
     target_spacing = parse_triple(spacing, "--spacing", float, "1.5,1.5,3 (mm, x,y,z)")
     set_threads(threads)
     items = select_shard(expand_inputs([input], stdin=sys.stdin if input == "-" else None), shard)
     options = SegmentOptions(output=output, fmt=fmt, series_uid=series, modality=modality, window=window,
-                             split=split, probabilities=probabilities, preview=preview, dicom_seg=dicom_seg,
-                             rtstruct=rtstruct, skip_existing=skip_existing, strict_prompts=strict_prompts)
+                             orientation=orientation, split=split, probabilities=probabilities, preview=preview,
+                             dicom_seg=dicom_seg, rtstruct=rtstruct, skip_existing=skip_existing,
+                             strict_prompts=strict_prompts, largest_component=largest_component,
+                             min_size_ml=min_size_ml)
     if not quiet:
         err_console.print(f"[dim]{len(items)} input(s); loading model…[/]")
     net = load_model(model, revision)
@@ -136,6 +171,8 @@ def segment_command(
         if outcome.status == "ok":
             err_console.print(f"[green]done[/] {escape(outcome.input)} [dim]({outcome.seconds:.1f} s)[/]",
                               highlight=False)
+            if outcome.sidecar:
+                err_console.print(quality_table(outcome.sidecar.get("labels", [])))
         elif outcome.status == "skipped":
             err_console.print(f"[yellow]skipped[/] {escape(outcome.input)} (output exists)", highlight=False)
         else:

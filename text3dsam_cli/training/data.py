@@ -11,7 +11,9 @@ Two layouts are understood (see ``docs/train.md``):
   ``{"background": ["background"], "liver": ["liver", "liver in CT"]}``), values to phrasings
   (``{"1": "liver"}`` or ``{"1": ["liver", "liver in CT"]}``), or names to nnU-Net regions
   (``{"tumour": [1, 2]}``). Raw scans get
-  the same intensity preprocessing as ``text3dsam segment``, with the modality from ``channel_names``.
+  the same preprocessing as ``text3dsam segment`` (reoriented by the model's orientation table, then
+  normalised), with the modality from ``channel_names``; their label maps follow the image's reorientation.
+  Challenge npz are used as stored, as ``segment`` does.
 
 Every sample is one class that is present in its case's ground truth, so an epoch is the list of
 (case, class) pairs, as in the paper.
@@ -35,7 +37,7 @@ import torch.nn.functional as F
 from text3dsam_cli.errors import InputError
 from text3dsam_cli.io.npz import npz_keys, read_npz_array, read_text_prompts
 from text3dsam_cli.io.readers import SUFFIX_FORMATS, read_volume
-from text3dsam_cli.preprocess import DEFAULT_WINDOW, normalize_intensity
+from text3dsam_cli.preprocess import DEFAULT_WINDOW
 from text3dsam_cli.prompts import is_label_map, parse_label_map, parse_phrasings, read_prompt_collection
 
 log = logging.getLogger(__name__)
@@ -304,10 +306,18 @@ def discover_cases(path: str | os.PathLike[str], prompts: str | os.PathLike[str]
 
 
 def load_case(case: CaseSpec, window: str | tuple[float, float] = DEFAULT_WINDOW,
-              modality: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Full-resolution image (float32 0..255, preprocessed like ``segment``) and integer label map."""
+              modality: str | None = None, orientation: dict[str, str] | None = None,
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Full-resolution image (float32 0..255, preprocessed like ``segment``) and integer label map.
+
+    ``orientation`` is the modality -> code table (None: the published model's default); images other than
+    npz are reoriented by it exactly as ``segment`` does, and the label map with them.
+    """
+    from text3dsam_cli.pipeline import prepare_scan
+
     volume = read_volume(case.image)
-    image = normalize_intensity(volume, modality or case.modality, window)
+    scan = prepare_scan(volume, modality or case.modality, window, "auto", orientation)
+    image = scan.image
     labels = read_npz_array(case.labels, "gts") if case.layout == "npz" else read_volume(case.labels).array
     if labels.dtype.kind not in "biu":
         if labels.dtype.kind == "f" and np.all(np.isfinite(labels)) and np.all(labels == np.round(labels)):
@@ -316,9 +326,11 @@ def load_case(case: CaseSpec, window: str | tuple[float, float] = DEFAULT_WINDOW
             raise InputError(f"ground truth has dtype {labels.dtype}, expected integer labels", case.labels)
     if labels.dtype.kind == "b":
         labels = labels.astype(np.uint8)
-    if tuple(labels.shape) != tuple(image.shape):
-        raise InputError(f"ground truth shape {tuple(labels.shape)} differs from the image's {tuple(image.shape)}",
+    if tuple(labels.shape) != volume.shape:
+        raise InputError(f"ground truth shape {tuple(labels.shape)} differs from the image's {volume.shape}",
                          case.labels)
+    if scan.reorientation is not None and not scan.reorientation.is_identity:
+        labels = np.ascontiguousarray(scan.reorientation.apply(labels))
     return image, labels
 
 
@@ -350,20 +362,22 @@ class TrainingSet:
 
     def __init__(self, source: DataSource, image_size: Sequence[int], window: str | tuple[float, float] =
                  DEFAULT_WINDOW, modality: str | None = None, cache: bool = True,
-                 on_case: Callable[[int, int, str], None] | None = None) -> None:
+                 on_case: Callable[[int, int, str], None] | None = None,
+                 orientation: dict[str, str] | None = None) -> None:
         self.source = source
         self.cases = source.cases
         self.image_size = tuple(int(s) for s in image_size)
         self.window = window
         self.modality = modality
         self.cache = cache
+        self.orientation = orientation
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.samples: list[Sample] = []
         self.notes = list(source.notes)
         for index, case in enumerate(self.cases):
             if on_case is not None:
                 on_case(index, len(self.cases), case.name)
-            image, labels = load_case(case, window, modality)
+            image, labels = load_case(case, window, modality, orientation)
             present = set(np.unique(labels).tolist())
             used = [i for i, spec in enumerate(case.classes)
                     if (spec.values and present & set(spec.values)) or (not spec.values and present - {0})]
@@ -383,7 +397,7 @@ class TrainingSet:
         """The case's image and label map at ``image_size`` (cached tensors: do not modify in place)."""
         if case in self._cache:
             return self._cache[case]
-        image, labels = load_case(self.cases[case], self.window, self.modality)
+        image, labels = load_case(self.cases[case], self.window, self.modality, self.orientation)
         return resize_pair(image, labels, self.image_size)
 
     def item(self, index: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -407,10 +421,12 @@ class ValidationCase:
 
 
 def load_validation(source: DataSource, window: str | tuple[float, float] = DEFAULT_WINDOW,
-                    modality: str | None = None) -> list[ValidationCase]:
-    """Read every validation case at full resolution (they are scored on the input grid)."""
+                    modality: str | None = None, orientation: dict[str, str] | None = None,
+                    ) -> list[ValidationCase]:
+    """Read every validation case at full resolution (scored on the grid the model sees: reoriented, not
+    resampled)."""
     out = []
     for case in source.cases:
-        image, labels = load_case(case, window, modality)
+        image, labels = load_case(case, window, modality, orientation)
         out.append(ValidationCase(case.name, image, labels, case.classes))
     return out

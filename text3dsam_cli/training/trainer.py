@@ -29,6 +29,7 @@ from text3dsam_cli import __version__
 from text3dsam_cli.devices import autocast_dtype, resolve_device
 from text3dsam_cli.errors import OutputError, UsageError
 from text3dsam_cli.model import Text3DSAM, Text3DSAMConfig
+from text3dsam_cli.orientation import model_table
 from text3dsam_cli.preprocess import DEFAULT_WINDOW
 from text3dsam_cli.training.augment import AugmentConfig, augment
 from text3dsam_cli.training.data import (
@@ -582,14 +583,23 @@ def run_training(model: Text3DSAM, args: TrainingArguments, callback: Callback |
     data = data or discover_cases(args.data, args.prompts)
     for note in data.notes:
         emit(TrainEvent("info", message=note))
+    # The model sees NIfTI/DICOM training images in the orientation it will see them in at inference: the
+    # table it came with (the published model's default when it has none), recorded in the saved config.
+    orientation = model_table(model.config.inference)
+    model.config.inference = {**(model.config.inference or {}), "orientation": orientation}
+    if data.layout != "npz":
+        table = ", ".join(f"{m} {c}" for m, c in orientation.items()) or "empty"
+        emit(TrainEvent("info", message=f"images reoriented by modality ({table}; other modalities as stored)"))
     train_set = TrainingSet(data, model.config.image_size, args.window, args.modality, args.cache,
-                            on_case=lambda i, n, name: emit(TrainEvent("load", i + 1, n, message=name)))
+                            on_case=lambda i, n, name: emit(TrainEvent("load", i + 1, n, message=name)),
+                            orientation=orientation)
     for note in train_set.notes[len(data.notes):]:
         emit(TrainEvent("info", message=note))
     val_cases = None
     if args.val:
         val_source = discover_cases(args.val, args.prompts)
-        val_cases = load_validation(val_source, args.window, args.modality) if accelerator.is_main_process else []
+        val_cases = (load_validation(val_source, args.window, args.modality, orientation)
+                     if accelerator.is_main_process else [])
     trainer = Trainer(model, train_set, args, accelerator, val_cases, callback, run_info)
     return trainer.run()
 

@@ -1,0 +1,129 @@
+"""Orientation codes and pure permutation/flip reorientation: codes, round trips, same physical voxels."""
+
+from __future__ import annotations
+
+import itertools
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import DATA
+
+from text3dsam_cli.errors import UsageError
+from text3dsam_cli.io import read_volume, volume_to_image
+from text3dsam_cli.io.volume import Volume
+from text3dsam_cli.orientation import (
+    DEFAULT_ORIENTATION,
+    check_code,
+    check_request,
+    check_table,
+    closest_code,
+    model_table,
+    reorient,
+    reorientation,
+)
+
+ALL_CODES = ["".join(letters) for perm in itertools.permutations(["LR", "PA", "SI"])
+             for letters in itertools.product(*perm)]
+NIFTI = DATA / "nifti" / "totalsegmentator"
+D2N = DATA / "dicom" / "dicom2nifti"
+REAL = [NIFTI / "example_ct_sm.nii.gz", NIFTI / "example_mr_sm.nii.gz",
+        *sorted(D2N.glob("*/001_ground_truth*.nii.gz"))]
+
+
+def test_all_48_codes_and_bad_codes() -> None:
+    assert len(ALL_CODES) == 48 and len(set(ALL_CODES)) == 48
+    assert all(check_code(code.lower()) == code for code in ALL_CODES)
+    for bad in ["", "LA", "LASI", "LLS", "LRS", "XYZ", "PAS", "SIL"[:2] + "x"]:
+        with pytest.raises(UsageError, match="orientation code"):
+            check_code(bad)
+    assert check_request("AUTO") == "auto" and check_request("native") == "native"
+    assert check_request(" ras ") == "RAS"
+
+
+def test_tables() -> None:
+    assert model_table(None) == DEFAULT_ORIENTATION == {"CT": "LAS", "PT": "LAS", "MR": "LPS"}
+    assert model_table({"mode": "whole"}) == DEFAULT_ORIENTATION
+    assert model_table({"orientation": {"mri": "ras", "PET": "lps"}}) == {"MR": "RAS", "PT": "LPS"}
+    assert model_table({"orientation": {}}) == {}
+    with pytest.raises(UsageError, match="CT"):
+        check_table({"CT": "LAX"})
+
+
+def test_identity_is_lps_and_codes_agree_with_simpleitk_and_nibabel() -> None:
+    assert closest_code(np.eye(3).ravel()) == "LPS"
+    for path in REAL:
+        volume = read_volume(path)
+        nib_code = "".join(nib.aff2axcodes(nib.load(str(path)).affine))
+        itk_code = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(volume.direction)
+        assert closest_code(volume.direction) == nib_code == itk_code, path
+
+
+def _rotation(seed: int) -> np.ndarray:
+    q, r = np.linalg.qr(np.random.default_rng(seed).standard_normal((3, 3)))
+    return q * np.sign(np.diag(r))
+
+
+def _world_points(volume: Volume) -> np.ndarray:
+    """(z, y, x, 3) LPS point of every voxel centre."""
+    z, y, x = np.indices(volume.shape)
+    index = np.stack([x, y, z], axis=-1).astype(np.float64)
+    matrix = np.asarray(volume.direction).reshape(3, 3)
+    return np.asarray(volume.origin) + (index * np.asarray(volume.spacing)) @ matrix.T
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_every_target_keeps_each_voxel_at_its_physical_point(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    shape = (3, 4, 5)  # all axes differ: a mixed-up permutation cannot pass
+    direction = _rotation(seed) if seed else np.eye(3)[:, [2, 0, 1]] * [1, -1, 1]
+    volume = Volume(rng.integers(0, 1000, shape).astype(np.int16), spacing=(0.7, 1.1, 2.5),
+                    origin=tuple(rng.uniform(-100, 100, 3)), direction=tuple(direction.ravel()))
+    before = {tuple(np.round(p, 6)): v for p, v in zip(_world_points(volume).reshape(-1, 3), volume.array.ravel())}
+    for target in ALL_CODES:
+        moved, change = reorient(volume, target)
+        assert closest_code(moved.direction) == target
+        assert np.shares_memory(moved.array, volume.array) or change.is_identity
+        after = {tuple(np.round(p, 6)): v for p, v in zip(_world_points(moved).reshape(-1, 3),
+                                                           moved.array.ravel())}
+        assert after == before, target
+        # exact inverse, for label maps and for (K, z, y, x) probabilities
+        assert np.array_equal(change.undo(moved.array), volume.array)
+        probs = rng.random((2, *moved.shape)).astype(np.float16)
+        assert np.array_equal(change.apply(change.undo(probs)), probs)
+
+
+@pytest.mark.parametrize("target", ["LPS", "LAS", "RAS", "PSR", "IRA", "ASL"])
+def test_matches_simpleitk_dicomorient_on_real_scans(target: str) -> None:
+    for path in [*REAL[:2], D2N / "hitachi_anatomical_001" / "dicom"]:  # RAS CT, LPS MR, oblique MR
+        volume = read_volume(path)
+        moved, change = reorient(volume, target)
+        expected = sitk.DICOMOrient(volume_to_image(volume), target)
+        assert np.array_equal(moved.array, sitk.GetArrayFromImage(expected))
+        np.testing.assert_allclose(moved.spacing, expected.GetSpacing(), atol=1e-9)
+        np.testing.assert_allclose(moved.origin, expected.GetOrigin(), atol=1e-6)
+        np.testing.assert_allclose(moved.direction, expected.GetDirection(), atol=1e-9)
+        assert change.source == closest_code(volume.direction)
+
+
+def test_oblique_gets_closest_code_and_keeps_its_exact_direction() -> None:
+    volume = read_volume(D2N / "hitachi_anatomical_001" / "dicom")
+    assert closest_code(volume.direction) == "PIR"
+    moved, _ = reorient(volume, "LPS")
+    matrix = np.asarray(moved.direction).reshape(3, 3)
+    assert not np.allclose(np.abs(matrix), np.eye(3), atol=0.1)  # still oblique: nothing was resampled
+    assert np.all(np.diag(matrix) > 0.5) and closest_code(moved.direction) == "LPS"
+
+
+def test_shape_checks_and_identity() -> None:
+    change = reorientation(np.eye(3).ravel(), (2, 3, 4), "LPS")
+    assert change.is_identity and change.output_shape == (2, 3, 4)
+    array = np.zeros((2, 3, 4))
+    assert change.apply(array) is array and change.undo(array) is array
+    change = reorientation(np.eye(3).ravel(), (2, 3, 4), "SPL")
+    assert change.output_shape == (4, 3, 2)
+    with pytest.raises(ValueError):
+        change.apply(np.zeros((4, 3, 2)))
+    with pytest.raises(ValueError):
+        change.undo(np.zeros((2, 3, 4)))

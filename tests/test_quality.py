@@ -1,0 +1,124 @@
+"""Per-label quality figures and component clean-up, checked against scipy's own counts on real label maps."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import DATA
+from scipy import ndimage
+from typer.testing import CliRunner
+
+from text3dsam_cli.cli import app
+from text3dsam_cli.io import read_volume
+from text3dsam_cli.quality import assess_labels, flags
+
+SEG = DATA / "nifti" / "totalsegmentator" / "example_seg.nii.gz"
+CT = DATA / "nifti" / "totalsegmentator" / "example_ct_sm.nii.gz"
+FULL = np.ones((3, 3, 3), dtype=bool)
+
+
+def _on_outer_face(mask: np.ndarray) -> bool:
+    return bool(mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any()
+                or mask[:, :, 0].any() or mask[:, :, -1].any())
+
+
+def test_real_label_map_matches_scipy_whole_volume_counts():
+    volume = read_volume(SEG)
+    labels = volume.array
+    values = [*sorted(int(v) for v in np.unique(labels) if v), 200]  # 200: a label that is absent
+    report = assess_labels(labels.copy(), values, volume.voxel_volume_ml)
+    several = 0
+    for value in values:
+        mask = labels == value
+        components, count = ndimage.label(mask, structure=FULL)
+        sizes = np.bincount(components.ravel())[1:]
+        entry = report[value]
+        assert entry["components"] == count, value
+        assert entry["largest_component_ml"] == pytest.approx(sizes.max() * volume.voxel_volume_ml if count else 0,
+                                                              abs=1e-4)
+        assert entry["touches_border"] == _on_outer_face(mask), value
+        several += count > 1
+    assert several >= 3  # the map really has fragmented labels, and the check saw them
+    assert report[200] == {"components": 0, "largest_component_ml": 0.0, "touches_border": False}
+    assert any(e["touches_border"] for e in report.values()) and not all(e["touches_border"] for e in report.values())
+
+
+def test_real_label_map_largest_component_and_min_size():
+    volume = read_volume(SEG)
+    values = sorted(int(v) for v in np.unique(volume.array) if v)
+    ml = volume.voxel_volume_ml
+    largest = volume.array.copy()
+    report = assess_labels(largest, values, ml, largest_component=True)
+    for value in values:
+        count = ndimage.label(largest == value, structure=FULL)[1]
+        assert count == 1 == report[value]["components"]
+        before = np.bincount(ndimage.label(volume.array == value, structure=FULL)[0].ravel())[1:]
+        assert (largest == value).sum() == before.max()  # exactly the largest one survives
+        assert report[value]["removed_ml"] == pytest.approx((before.sum() - before.max()) * ml, abs=1e-3)
+    assert set(np.unique(largest[largest != volume.array])) == {0}  # removed voxels become background
+
+    threshold = 5.0
+    kept = volume.array.copy()
+    report = assess_labels(kept, values, ml, min_size_ml=threshold)
+    for value in values:
+        sizes = np.bincount(ndimage.label(volume.array == value, structure=FULL)[0].ravel())[1:]
+        big = sizes[sizes * ml >= threshold]
+        assert report[value]["components"] == big.size
+        assert (kept == value).sum() == big.sum()
+
+
+def test_border_flags_and_26_connectivity_on_synthetic_maps():
+    shape = (10, 12, 14)
+    labels = np.zeros(shape, np.uint8)
+    labels[4:6, 5:7, 6:8] = 1  # interior
+    labels[2, 2, 2] = 2
+    labels[3, 3, 3] = 2  # touches the first voxel at a corner only: one 26-connected component
+    report = assess_labels(labels, [1, 2], 0.001)
+    assert report[1] == {"components": 1, "largest_component_ml": 0.008, "touches_border": False}
+    assert report[2]["components"] == 1 and not report[2]["touches_border"]
+    for axis in range(3):
+        for end in (0, shape[axis] - 1):
+            touching = labels.copy()
+            index = [5, 6, 7]
+            index[axis] = end
+            touching[tuple(index)] = 1
+            assert assess_labels(touching, [1], 0.001)[1]["touches_border"], (axis, end)
+    # cleaning away the component on the border clears the flag; the other label is untouched
+    edge = labels.copy()
+    edge[0, 0, 0] = 1
+    report = assess_labels(edge, [1, 2], 0.001, largest_component=True)
+    assert report[1]["components"] == 1 and not report[1]["touches_border"] and edge[0, 0, 0] == 0
+    assert report[1]["removed_ml"] == pytest.approx(0.001)
+    assert np.array_equal(edge == 2, labels == 2)
+    # min size larger than everything: the label becomes empty
+    gone = labels.copy()
+    report = assess_labels(gone, [1], 0.001, min_size_ml=1.0)
+    assert report[1]["components"] == 0 and not (gone == 1).any()
+    assert flags({"voxels": 0, **report[1]}) == ["empty", "removed 0.008 ml"]
+
+
+def test_segment_cleanup_applies_to_every_output_and_prints_a_table(small_checkpoint, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "seg.nii.gz"
+    result = runner.invoke(app, ["segment", str(CT), "liver", "spleen", "-m", str(small_checkpoint), "-o", str(out),
+                                 "--largest-component", "--min-size-ml", "0.5", "--split"])
+    assert result.exit_code == 0, result.output
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
+    sidecar = json.loads((tmp_path / "seg.json").read_text())
+    for entry in sidecar["labels"]:
+        mask = labels == entry["label"]
+        count = ndimage.label(mask, structure=FULL)[1]
+        assert count == entry["components"] <= 1
+        assert {"largest_component_ml", "touches_border", "removed_ml"} <= set(entry)
+        split = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / f"seg_label{entry['label']}.nii.gz")))
+        assert np.array_equal(split, mask.astype(np.uint8))  # all outputs agree with the cleaned map
+    assert "components" in result.stderr and "liver" in result.stderr
+    quiet = runner.invoke(app, ["segment", str(CT), "liver", "-m", str(small_checkpoint), "-o",
+                                str(tmp_path / "q.nii.gz"), "-q"])
+    assert quiet.exit_code == 0 and quiet.stderr == ""
+    bad = runner.invoke(app, ["segment", str(CT), "liver", "-m", str(small_checkpoint), "-o",
+                              str(tmp_path / "b.nii.gz"), "--min-size-ml", "-1"])
+    assert bad.exit_code == 2 and "--min-size-ml" in bad.stderr and not (tmp_path / "b.nii.gz").exists()
