@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from text3dsam_cli.errors import InputError, OutputError, UsageError
-from text3dsam_cli.io.atomic import atomic_path
+from text3dsam_cli.io.atomic import atomic_path, describe_os_error
 from text3dsam_cli.io.npz import npz_keys, read_npz_array, read_text_prompts
 from text3dsam_cli.io.readers import read_volume
 from text3dsam_cli.metrics import instance_f1_dsc_tp, nan_mean, semantic_case_metrics
@@ -315,7 +315,7 @@ def _write_text(path: str | os.PathLike[str], text: str) -> Path:
         try:
             tmp.write_text(text, encoding="utf-8")
         except OSError as exc:
-            raise OutputError(f"cannot write ({exc.strerror or exc})", path) from None
+            raise OutputError(f"cannot write ({describe_os_error(exc)})", path) from None
     return path
 
 

@@ -35,6 +35,8 @@ PERCENTILES = (0.5, 99.5)
 
 _ALIASES = {"MRI": "MR", "PET": "PT", "CT": "CT", "MR": "MR", "PT": "PT", "US": "US",
             "ULTRASOUND": "US", "MICROSCOPY": "MICROSCOPY"}
+#: Accepted ``--modality`` values (after aliases): the model's modalities plus common DICOM image modality codes.
+KNOWN_MODALITIES = frozenset({*_ALIASES.values(), "NM", "XA", "RF", "CR", "DX", "MG", "OCT", "OPT", "OT", "SM"})
 _NPZ_PREFIXES = {"CT": "CT", "MR": "MR", "PET": "PT", "US": "US", "MICROSCOPY": "MICROSCOPY"}
 
 

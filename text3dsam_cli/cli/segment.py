@@ -16,6 +16,19 @@ from text3dsam_cli.cli.model_cmds import MODEL_HELP
 from text3dsam_cli.errors import UsageError
 
 
+def print_path(path: str) -> None:
+    """One output path on its own stdout line; a name that is not valid UTF-8 is written as its raw bytes."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(os.fsencode(path) + b"\n")
+        sys.stdout.buffer.flush()
+        return
+    typer.echo(path)
+    sys.stdout.flush()
+
+
 @app.command("segment")
 @handle_errors
 def segment_command(
@@ -51,7 +64,10 @@ def segment_command(
     preview: bool = typer.Option(False, "--preview", help="Also write a PNG: three orthogonal slices per label."),
     dicom_seg: bool = typer.Option(False, "--dicom-seg", help="Also write a DICOM-SEG (DICOM inputs; needs the "
                                    "'dicomseg' extra: pip install 'text3dsam-cli[dicomseg]')."),
-    skip_existing: bool = typer.Option(False, "--skip-existing", help="Skip inputs whose output already exists."),
+    skip_existing: bool = typer.Option(False, "--skip-existing", help="Skip inputs that are done: their sidecar "
+                                       "lists every output this run would write and all of them exist."),
+    max_prompts: int = typer.Option(256, "--max-prompts", help="Refuse an input with more prompts than this "
+                                    "(each prompt is decoded separately; 0: no limit)."),
     shard: str = typer.Option(None, "--shard", help="Process shard i of n of the input list ('i/n', 1-based), "
                               "for cluster job arrays."),
     threads: int = typer.Option(None, "--threads", help="CPU threads for torch."),
@@ -67,8 +83,12 @@ def segment_command(
     from text3dsam_cli.devices import set_threads
     from text3dsam_cli.inference import Segmenter
     from text3dsam_cli.io import expand_inputs, image_format, select_shard
+    from text3dsam_cli.io.itk import silence_itk_warnings
     from text3dsam_cli.model import load_model
-    from text3dsam_cli.pipeline import SegmentOptions, SegmentRun, read_prompt_file
+    from text3dsam_cli.pipeline import SegmentOptions, SegmentRun, check_options, plan_outputs, read_prompt_file
+
+    if not is_debug():
+        silence_itk_warnings()
 
     prompts = list(prompts or [])
     if any(not p.strip() for p in prompts):
@@ -82,12 +102,19 @@ def segment_command(
         if prompts:
             raise UsageError("give PROMPT arguments or --prompt-file, not both")
         prompts, label_values = read_prompt_file(prompt_file)
+    if max_prompts < 0:
+        raise UsageError(f"--max-prompts {max_prompts}: give a positive number, or 0 for no limit")
+    if max_prompts and len(prompts) > max_prompts:
+        raise UsageError(f"{len(prompts)} prompts, more than --max-prompts {max_prompts} (each prompt is decoded "
+                         "separately; raise the limit to run them all)")
     target_spacing = parse_triple(spacing, "--spacing", float, "1.5,1.5,3 (mm, x,y,z)")
-    set_threads(threads)
-    items = select_shard(expand_inputs([input], stdin=sys.stdin if input == "-" else None), shard)
     options = SegmentOptions(output=output, fmt=fmt, series_uid=series, modality=modality, window=window,
                              split=split, probabilities=probabilities, preview=preview, dicom_seg=dicom_seg,
-                             skip_existing=skip_existing)
+                             skip_existing=skip_existing, max_prompts=max_prompts or None)
+    check_options(options)
+    set_threads(threads)
+    items = select_shard(expand_inputs([input], stdin=sys.stdin if input == "-" else None), shard)
+    plan_outputs(items, options)  # usage errors (-o one file for several inputs) before the model loads
     if not quiet:
         err_console.print(f"[dim]{len(items)} input(s); loading model…[/]")
     net = load_model(model, revision)
@@ -102,15 +129,15 @@ def segment_command(
             return
         outcome = data["outcome"]
         if outcome.status == "ok" and not as_json:
-            typer.echo(outcome.outputs[0])
-            sys.stdout.flush()
+            print_path(outcome.outputs[0])
         if quiet:
             return
         if outcome.status == "ok":
             err_console.print(f"[green]done[/] {escape(outcome.input)} [dim]({outcome.seconds:.1f} s)[/]",
                               highlight=False)
         elif outcome.status == "skipped":
-            err_console.print(f"[yellow]skipped[/] {escape(outcome.input)} (output exists)", highlight=False)
+            err_console.print(f"[yellow]skipped[/] {escape(outcome.input)} (done: its outputs are complete)",
+                              highlight=False)
         else:
             if is_debug() and outcome.exception is not None:
                 err_console.print("".join(traceback.format_exception(outcome.exception)), markup=False)
