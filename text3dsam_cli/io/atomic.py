@@ -144,6 +144,12 @@ def _free_bytes(folder: Path) -> int | None:
 _FULL_DISK_MARGIN = 1 << 20
 
 
+def disk_full(folder: Path) -> bool:
+    """Whether the file system holding ``folder`` is (nearly) full: the likely cause of a failed write."""
+    free = _free_bytes(folder)
+    return free is not None and free < _FULL_DISK_MARGIN
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike[str],
                 verify: Callable[[Path], str | None] | None = None) -> Iterator[Path]:
@@ -168,10 +174,8 @@ def atomic_path(target: str | os.PathLike[str],
             if problem is None and tmp.stat().st_size == 0:
                 problem = "the written file is empty"
             if problem is not None:
-                free = _free_bytes(folder)
-                if free is not None and free < _FULL_DISK_MARGIN:
-                    problem = "no space left on device"
-                raise OutputError(f"write failed: {problem}", target)
+                raise OutputError(f"write failed: {'no space left on device' if disk_full(folder) else problem}",
+                                  target)
             os.replace(tmp, target)
         except OSError as exc:
             raise OutputError(f"cannot write ({describe_os_error(exc)})", target) from None

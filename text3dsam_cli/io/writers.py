@@ -18,7 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from text3dsam_cli.errors import OutputError
-from text3dsam_cli.io.atomic import atomic_path
+from text3dsam_cli.io.atomic import atomic_path, disk_full
 from text3dsam_cli.io.itk import captured_stderr, itk_path
 from text3dsam_cli.io.npz import write_challenge_npz
 from text3dsam_cli.io.readers import first_error_line, image_format
@@ -80,7 +80,15 @@ def write_volume(volume: Volume, path: str | os.PathLike[str], compress: bool = 
         raise OutputError(SHEARED_NIFTI, path)
     image = volume_to_image(volume, path)
     data_bytes = image.GetNumberOfPixels() * image.GetSizeOfPixelComponent()
-    with atomic_path(path, verify=lambda tmp: verify_image_file(tmp, data_bytes)) as tmp:
+    chatter: list[str] = []
+
+    def check(tmp: Path) -> str | None:
+        problem = verify_image_file(tmp, data_bytes)
+        if problem is None and any("ERROR" in text.upper() for text in chatter):
+            problem = "ITK reported a write error"
+        return problem
+
+    with atomic_path(path, verify=check) as tmp:
         writer = sitk.ImageFileWriter()
         writer.SetUseCompression(compress)
         with itk_path(tmp) as itk_name, captured_stderr() as chatter:
@@ -88,10 +96,8 @@ def write_volume(volume: Volume, path: str | os.PathLike[str], compress: bool = 
             try:
                 writer.Execute(image)
             except RuntimeError as exc:
-                raise OutputError(f"cannot write the image ({first_error_line(exc)})", path) from None
-        if chatter and "ERROR" in chatter[0].upper():
-            problem = verify_image_file(tmp, data_bytes) or "ITK reported a write error"
-            raise OutputError(f"write failed: {problem}", path)
+                reason = "no space left on device" if disk_full(path.parent) else first_error_line(exc)
+                raise OutputError(f"cannot write the image ({reason})", path) from None
     return path
 
 
