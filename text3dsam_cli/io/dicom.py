@@ -190,8 +190,9 @@ def check_series_complete(series: DicomSeries, where: str | os.PathLike[str]) ->
     typical = float(np.median(steps))
     if typical <= 0:
         return
-    worst = int(np.argmax(np.abs(steps - typical)))
-    if abs(steps[worst] - typical) > max(0.01, 0.2 * typical):
+    worst = int(np.argmax(steps))
+    if steps[worst] - float(np.min(steps)) > max(0.01, 0.2 * float(np.min(steps))):
+        typical = float(np.min(steps))
         names = Path(series.files[worst]).name, Path(series.files[worst + 1]).name
         raise InputError(f"the slices of series {series.uid or '(empty UID)'} are not evenly spaced: "
                          f"{steps[worst]:.3g} mm between {names[0]} and {names[1]}, {typical:.3g} mm elsewhere "
