@@ -17,6 +17,7 @@ Rules (docs/segment.md, "Outputs are complete or absent" and "Collision rule"):
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -47,7 +48,10 @@ class OutputPlan:
     @property
     def marker(self) -> Path:
         """The hidden in-progress marker."""
-        return self.folder / f".{self.sidecar.name[:-len('.json')]}{MARKER_SUFFIX}"
+        name = f".{self.sidecar.name[:-len('.json')]}{MARKER_SUFFIX}"
+        if len(os.fsencode(name)) > NAME_MAX:
+            name = f".{hashlib.sha1(os.fsencode(self.sidecar.name)).hexdigest()[:20]}{MARKER_SUFFIX}"
+        return self.folder / name
 
     @property
     def files(self) -> list[Path]:

@@ -171,9 +171,9 @@ def plan_outputs(items: Sequence[InputItem], options: SegmentOptions) -> list[Pa
         for item in items:
             suffix = FORMATS[fmt] if fmt else (".npz" if item.kind == "npz" else ".nii.gz")
             outputs.append(folder / f"{item.stem}{suffix}")
-    inputs = {item.path.resolve() for item in items}
+    inputs = {os.path.realpath(item.path) for item in items}
     for out in outputs:
-        if out.resolve() in inputs:
+        if os.path.realpath(out) in inputs:
             raise UsageError(f"output {out} would overwrite an input")
     return outputs
 
@@ -430,7 +430,8 @@ class SegmentRun:
                 try:
                     outcome = self._process(item, future, plan, claims)
                 except Text3DSAMError as exc:
-                    outcome = ItemOutcome(str(item.path), "failed", error=str(exc), exception=exc)
+                    text = str(exc) if str(exc).startswith(str(item.path)) else f"{item.path}: {exc}"
+                    outcome = ItemOutcome(str(item.path), "failed", error=text, exception=exc)
                 except MemoryError:
                     outcome = ItemOutcome(str(item.path), "failed", error=f"{item.path}: out of memory")
                 except Exception as exc:  # an unexpected failure on one input must not end the batch

@@ -274,17 +274,31 @@ def _check_nifti_complete(path: Path) -> None:
                          f"its header needs {expected})", path)
 
 
-def _check_nifti_header(path: Path) -> None:
-    """Refuse a NIfTI whose header gives a zero (or non-finite) voxel size: ITK would silently use 1 mm."""
-    import nibabel as nib
+def _nifti_raw_header(path: Path) -> tuple[list[int], list[float]] | None:
+    """``dim`` and ``pixdim`` exactly as stored (nibabel silently replaces zero pixdims by 1 on loading)."""
+    import struct
 
     try:
-        header = nib.load(str(path)).header
-        zooms = [float(v) for v in header["pixdim"][1:4]]
-        ndim = int(header["dim"][0])
-    except Exception:  # nibabel cannot parse it: let SimpleITK report what is wrong
-        return
-    zooms = zooms[: max(0, min(3, ndim))]
+        opener = gzip.open if path.name.lower().endswith(".gz") else open
+        with opener(path, "rb") as fp:
+            raw = fp.read(540)
+    except (OSError, EOFError, zlib.error):
+        return None
+    for order in ("<", ">"):
+        if len(raw) >= 348 and struct.unpack(f"{order}i", raw[:4])[0] == 348:
+            return list(struct.unpack(f"{order}8h", raw[40:56])), list(struct.unpack(f"{order}8f", raw[76:108]))
+        if len(raw) >= 540 and struct.unpack(f"{order}i", raw[:4])[0] == 540:
+            return list(struct.unpack(f"{order}8q", raw[16:80])), list(struct.unpack(f"{order}8d", raw[104:168]))
+    return None
+
+
+def _check_nifti_header(path: Path) -> None:
+    """Refuse a NIfTI whose header gives a zero (or non-finite) voxel size: ITK would silently use 1 mm."""
+    header = _nifti_raw_header(path)
+    if header is None:
+        return  # not a header we understand: let SimpleITK report what is wrong
+    dim, pixdim = header
+    zooms = [float(v) for v in pixdim[1:1 + max(0, min(3, int(dim[0])))]]
     if any(not np.isfinite(v) or v == 0 for v in zooms):
         raise InputError(f"the header gives voxel spacing {zooms} (pixdim[1:4]); a zero or non-finite spacing "
                          "cannot be used (ITK would silently assume 1 mm): fix the header", path)
