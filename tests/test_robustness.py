@@ -314,6 +314,12 @@ def test_non_utf8_names_read_write_and_cli(small_checkpoint, tmp_path):
     stdout, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr.decode()
     assert sorted(stdout.splitlines()) == sorted([os.fsencode(out_dir / bad), os.fsencode(out_dir / "good.nii.gz")])
+    # a DICOM series in a non-UTF-8 folder, and one with a non-UTF-8 file name
+    series = tmp_path / os.fsdecode(b"series_\xff")
+    shutil.copytree(SIEMENS, series)
+    first = sorted(series.iterdir())[0]
+    first.rename(series / os.fsdecode(b"slice_\xfe.dcm"))
+    assert read_volume(series).shape[0] == len(list(SIEMENS.iterdir()))
     # a non-UTF-8 path on stdin
     proc = _cli("-", "liver", "-m", small_checkpoint, "-o", tmp_path / "o2", stdin=subprocess.PIPE)
     stdout, stderr = proc.communicate(os.fsencode(folder / bad) + b"\n", timeout=600)
@@ -503,16 +509,23 @@ def test_eval_geometry_and_failed_cases(tmp_path):
     _label_copy(BRAIN2, pred / "MR_b.nii.gz", shift=3.0)
     _label_copy(BRAIN1, pred / "MR_c.nii.gz")
     _label_copy(BRAIN1, pred / "MR_d.nii.gz")  # no ground truth
+    odd = os.fsdecode(b"MR_\xff.nii.gz")  # a name that is not UTF-8
+    _label_copy(BRAIN2, gt / "MR_e.nii.gz")
+    shutil.copy(gt / "MR_e.nii.gz", gt / odd)
+    shutil.copy(gt / "MR_e.nii.gz", pred / odd)
     flipped = sitk.GetArrayFromImage(sitk.ReadImage(str(pred / "MR_a.nii.gz")))
     assert not np.array_equal(flipped, sitk.GetArrayFromImage(sitk.ReadImage(str(gt / "MR_a.nii.gz"))))
     results = evaluate_folder(pred, gt)
     assert results["cases"]["MR_a.nii.gz"]["DSC"] == pytest.approx(1.0)
     assert results["cases"]["MR_c.nii.gz"]["DSC"] == pytest.approx(1.0)
+    assert results["cases"][odd]["DSC"] == pytest.approx(1.0)
     assert set(results["failed"]) == {"MR_b.nii.gz", "MR_d.nii.gz"}
     assert "voxel grid differs" in results["failed"]["MR_b.nii.gz"]
     assert "no ground truth" in results["failed"]["MR_d.nii.gz"]
-    result = runner.invoke(app, ["eval", "--pred", str(pred), "--gt", str(gt), "--json", "-"])
+    result = runner.invoke(app, ["eval", "--pred", str(pred), "--gt", str(gt), "--json", "-", "--csv",
+                                 str(tmp_path / "m.csv")])
     assert result.exit_code == 1
-    assert json.loads(result.stdout)["summary"]["overall"]["cases"] == 2
+    assert json.loads(result.stdout)["summary"]["overall"]["cases"] == 3
+    assert len((tmp_path / "m.csv").read_bytes().splitlines()) == 4
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 2

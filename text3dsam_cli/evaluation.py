@@ -385,7 +385,7 @@ def _write_text(path: str | os.PathLike[str], text: str) -> Path:
     path = Path(path)
     with atomic_path(path) as tmp:
         try:
-            tmp.write_text(text, encoding="utf-8")
+            tmp.write_text(text, encoding="utf-8", errors="surrogateescape")  # case names keep their bytes
         except OSError as exc:
             raise OutputError(f"cannot write ({describe_os_error(exc)})", path) from None
     return path

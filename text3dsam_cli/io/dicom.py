@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,8 @@ import pydicom
 import SimpleITK as sitk
 
 from text3dsam_cli.errors import InputError
+from text3dsam_cli.io.atomic import encodable
+from text3dsam_cli.io.itk import itk_path
 from text3dsam_cli.io.limits import check_voxel_count
 from text3dsam_cli.io.readers import first_error_line, volume_from_image
 from text3dsam_cli.io.volume import Volume
@@ -221,9 +224,16 @@ def read_series(series: DicomSeries, where: str | os.PathLike[str]) -> Volume:
     check_series_complete(series, where)
     _check_series_size(series, where)
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(series.files)
     try:
-        image = reader.Execute()
+        with contextlib.ExitStack() as stack:
+            files = list(series.files)
+            if not all(encodable(f) for f in files):  # ITK needs UTF-8 names: read through numbered symlinks
+                links = stack.enter_context(tempfile.TemporaryDirectory(prefix="text3dsam-series-"))
+                for i, name in enumerate(list(files)):
+                    files[i] = os.path.join(links, f"{i:06d}.dcm")
+                    os.symlink(os.path.abspath(name), files[i])
+            reader.SetFileNames(files)
+            image = reader.Execute()
     except RuntimeError as exc:
         raise InputError(f"cannot read the DICOM series {series.uid or '(empty UID)'} "
                          f"({first_error_line(exc)})", where) from None
@@ -253,6 +263,14 @@ def read_dicom(path: str | os.PathLike[str], series_uid: str | None = None) -> V
     """A DICOM series from a folder (series rule applies) or from one of its files (that file's series)."""
     path = Path(path)
     folder = path if path.is_dir() else path.parent
+    if not encodable(str(folder.absolute())):  # GDCM needs a UTF-8 name: read through a symlinked alias
+        with itk_path(folder.absolute()) as alias:
+            volume = read_dicom(Path(alias) / path.name if not path.is_dir() else Path(alias), series_uid)
+        prefix = alias.rstrip(os.sep) + os.sep
+        volume.path = path
+        volume.meta["dicom_files"] = [str(folder / f[len(prefix):]) if f.startswith(prefix) else f
+                                      for f in volume.meta.get("dicom_files", [])]
+        return volume
     series = list_series(folder)
     if path.is_dir() or series_uid is not None:
         chosen = choose_series(folder, series_uid, series)
