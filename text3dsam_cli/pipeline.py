@@ -415,7 +415,7 @@ class SegmentRun:
         for item, plan in zip(items, plans):
             problem = item.error or claims.claim(plan, str(item.path))
             if problem is not None:
-                plan.error = problem if problem.startswith(str(item.path)) else f"{item.path}: {problem}"
+                plan.error = problem if problem.startswith(f"{item.path}: ") else f"{item.path}: {problem}"
         clean_stale_temps(f for plan in plans if plan.error is None for f in (*plan.files, plan.marker))
         todo = [plan.error is None and not (self.options.skip_existing and is_done(plan)) for plan in plans]
         outcomes: list[ItemOutcome] = []
@@ -430,7 +430,7 @@ class SegmentRun:
                 try:
                     outcome = self._process(item, future, plan, claims)
                 except Text3DSAMError as exc:
-                    text = str(exc) if str(exc).startswith(str(item.path)) else f"{item.path}: {exc}"
+                    text = str(exc) if str(exc).startswith(f"{item.path}: ") else f"{item.path}: {exc}"
                     outcome = ItemOutcome(str(item.path), "failed", error=text, exception=exc)
                 except MemoryError:
                     outcome = ItemOutcome(str(item.path), "failed", error=f"{item.path}: out of memory")
