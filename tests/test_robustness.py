@@ -349,7 +349,8 @@ def test_newline_long_and_upper_case_names(small_checkpoint, tmp_path):
     shutil.copy(CT, folder / long_name)
     result = segment(folder, "liver", "-m", small_checkpoint, "-o", tmp_path / "out")
     assert result.exit_code == 1
-    assert "line break" in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "line break" in errors[0] and "two\\nlines" in errors[0]  # still one line
     assert result.stdout.splitlines() == [str(tmp_path / "out" / long_name)]
     assert (tmp_path / "out" / ("c" * 243 + ".json")).exists()
     result = segment(CT, "liver", "-m", small_checkpoint, "-o", tmp_path / "UP.NII.GZ")

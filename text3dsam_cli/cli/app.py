@@ -39,9 +39,19 @@ def is_debug() -> bool:
     return _state["debug"]
 
 
+def one_line(text: str) -> str:
+    """``text`` with line breaks escaped (a file name may hold one), so that an error stays one line."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def print_error(message: str) -> None:
+    """``error: <message>`` on stderr, on one line."""
+    err_console.print(f"[bold red]error:[/] {escape(one_line(message))}", highlight=False, soft_wrap=True)
+
+
 def fail(message: str, code: int = 1) -> None:
     """Print a one-line error on stderr and exit with ``code``."""
-    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    print_error(message)
     raise typer.Exit(code)
 
 

@@ -9,10 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
-from text3dsam_cli.cli.app import app, err_console, handle_errors, is_debug
+from text3dsam_cli.cli.app import app, err_console, handle_errors, is_debug, print_error
 
 # The evaluation module (scipy, SimpleITK) is imported inside the functions: `text3dsam --help` and the other
 # commands should not pay for it.
@@ -94,7 +93,7 @@ def eval_command(
         write_json(results, json_out)
     failed = results["failed"]
     for reason in failed.values():
-        err_console.print(f"[bold red]error:[/] {escape(reason)}", highlight=False, soft_wrap=True)
+        print_error(reason)
     if failed:
         err_console.print(f"{len(results['cases'])} case(s) scored, {len(failed)} failed (listed under "
                           "\"failed\" in --json)", highlight=False)

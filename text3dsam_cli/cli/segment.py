@@ -11,7 +11,7 @@ from typing import Any
 import typer
 from rich.markup import escape
 
-from text3dsam_cli.cli.app import app, err_console, handle_errors, is_debug, parse_triple
+from text3dsam_cli.cli.app import app, err_console, handle_errors, is_debug, one_line, parse_triple, print_error
 from text3dsam_cli.cli.model_cmds import MODEL_HELP
 from text3dsam_cli.errors import UsageError
 
@@ -133,15 +133,15 @@ def segment_command(
         if quiet:
             return
         if outcome.status == "ok":
-            err_console.print(f"[green]done[/] {escape(outcome.input)} [dim]({outcome.seconds:.1f} s)[/]",
+            err_console.print(f"[green]done[/] {escape(one_line(outcome.input))} [dim]({outcome.seconds:.1f} s)[/]",
                               highlight=False)
         elif outcome.status == "skipped":
-            err_console.print(f"[yellow]skipped[/] {escape(outcome.input)} (done: its outputs are complete)",
+            err_console.print(f"[yellow]skipped[/] {escape(one_line(outcome.input))} (done: its outputs are complete)",
                               highlight=False)
         else:
             if is_debug() and outcome.exception is not None:
                 err_console.print("".join(traceback.format_exception(outcome.exception)), markup=False)
-            err_console.print(f"[bold red]error:[/] {escape(outcome.error)}", highlight=False, soft_wrap=True)
+            print_error(outcome.error)
 
     summary = SegmentRun(segmenter, prompts, options, on_event, label_values=label_values).run(items)
     if as_json:
