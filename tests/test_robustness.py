@@ -191,6 +191,26 @@ def test_killed_run_is_redone_by_skip_existing(small_checkpoint, two_inputs, tmp
     _assert_complete(out, ["ct", "mr"], ["_prob1.nii.gz", "_prob2.nii.gz"])
 
 
+def test_interrupt_right_after_a_rename_leaves_nothing_unowned(small_checkpoint, tmp_path, monkeypatch):
+    """Ctrl-C/SIGTERM landing between a file's rename and its bookkeeping: the file is still removed."""
+    import text3dsam_cli.pipeline as pipeline
+
+    real = pipeline.write_volume
+
+    def interrupted(volume, path, *args, **kwargs):
+        real(volume, path, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "write_volume", interrupted)
+    out = tmp_path / "out"
+    result = segment(CT, "liver", "-m", small_checkpoint, "-o", out)
+    assert result.exit_code == 130 and "interrupted" in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == []
+    monkeypatch.setattr(pipeline, "write_volume", real)
+    result = segment(CT, "liver", "-m", small_checkpoint, "-o", out, "--skip-existing")
+    assert result.exit_code == 0, result.output
+
+
 def test_stale_temp_files_are_cleaned_and_done_means_complete(small_checkpoint, two_inputs, tmp_path):
     out = tmp_path / "out"
     out.mkdir()

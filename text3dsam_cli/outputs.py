@@ -189,6 +189,24 @@ def write_marker(plan: OutputPlan, files: Iterable[Path]) -> None:
         tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
 
 
+def discard_attempt(plan: OutputPlan, created: Iterable[str], existed_before: set[str]) -> None:
+    """After a failed or interrupted attempt: delete what it wrote (the files it recorded, and any planned file
+    that did not exist before it, e.g. one renamed into place just before an interrupt), then remove the
+    marker unless a file it still covers is left (one that only the marker says is this input's)."""
+    doomed = {str(p) for p in created} | {str(p) for p in plan.files if _key(p) not in existed_before}
+    for path in doomed:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    listed = _listed(read_json(plan.sidecar), plan.folder) or set()
+    if all(_key(p) in listed for p in plan.files[:-1] if p.exists()):
+        remove_marker(plan)
+
+
+def existing(plan: OutputPlan) -> set[str]:
+    """Keys of the planned files that exist now."""
+    return {_key(p) for p in plan.files if p.exists()}
+
+
 def remove_marker(plan: OutputPlan) -> None:
     """Remove the in-progress marker (after the sidecar is written)."""
     with contextlib.suppress(FileNotFoundError):

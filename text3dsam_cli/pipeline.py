@@ -6,7 +6,6 @@ the CLI renders. Each input succeeds or fails on its own; a bad input never stop
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import logging
@@ -30,6 +29,8 @@ from text3dsam_cli.io.writers import SHEARED_NIFTI, is_orthogonal
 from text3dsam_cli.outputs import (
     Claims,
     OutputPlan,
+    discard_attempt,
+    existing,
     is_done,
     plan_files,
     remove_marker,
@@ -475,6 +476,7 @@ class SegmentRun:
         t0 = time.perf_counter()
         written: dict[str, str] = {}
         created: list[str] = []
+        before = existing(final)
         write_marker(final, final.files)
         try:
             self._write_all(item, volume, result, final, written, created)
@@ -484,10 +486,7 @@ class SegmentRun:
                                     written, timings)
             write_json(sidecar, final.sidecar)
         except BaseException:  # nothing half-done stays: remove what this attempt wrote (the marker goes last)
-            for path in created:
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
-            remove_marker(final)
+            discard_attempt(final, created, before)
             raise
         remove_marker(final)
         files = [written["labels"], *[v for k, v in written.items() if k != "labels"], str(final.sidecar)]
