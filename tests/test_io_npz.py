@@ -341,7 +341,8 @@ def test_numeric_member_layouts(tmp_path: Path, layout: str) -> None:
     assert np.array_equal(read_challenge_npz(path).array, imgs)
 
 
-def test_header_that_overstates_the_data_is_refused(tmp_path: Path) -> None:
+def test_header_that_overstates_the_data_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEXT3DSAM_MAX_VOXELS", str(1 << 40))  # past the size limit: the length check refuses it
     buf = io.BytesIO()
     npy_format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False, "shape": (4096, 4096, 4096)})
     buf.write(b"\0" * 64)

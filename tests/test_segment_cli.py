@@ -238,7 +238,7 @@ def test_unwritable_output_reports_and_leaves_nothing(small_checkpoint, tmp_path
     blocker = tmp_path / "file"
     blocker.write_text("x")
     result = segment(CT, "liver", "-m", small_checkpoint, "-o", blocker / "seg.nii.gz")
-    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.exit_code == 2 and "Traceback" not in result.output  # refused before the model loads
 
 
 def test_no_prompts_for_plain_image(small_checkpoint, tmp_path):

@@ -38,10 +38,11 @@ from typing import Any
 
 import numpy as np
 
-from text3dsam_cli.errors import InputError, OutputError, UsageError
-from text3dsam_cli.io.atomic import atomic_path
+from text3dsam_cli.errors import InputError, OutputError, Text3DSAMError, UsageError
+from text3dsam_cli.io.atomic import atomic_path, describe_os_error
 from text3dsam_cli.io.npz import npz_keys, read_npz_array, read_text_prompts
 from text3dsam_cli.io.readers import read_volume
+from text3dsam_cli.io.volume import Volume
 from text3dsam_cli.metrics import instance_f1_dsc_tp, nan_mean, semantic_case_metrics
 from text3dsam_cli.prompts import parse_label_map, read_labels_json
 
@@ -97,8 +98,10 @@ def _folder(path: str | os.PathLike[str], what: str) -> Path:
     return folder
 
 
-def _find_cases(pred_dir: Path, gt_dir: Path, images_dir: Path | None) -> list[_Case]:
+def _find_cases(pred_dir: Path, gt_dir: Path, images_dir: Path | None) -> tuple[list[_Case], dict[str, str]]:
+    """The cases to score and, by prediction name, those that cannot be scored (no ground truth or image)."""
     cases = []
+    failed: dict[str, str] = {}
     for pred_path in sorted(pred_dir.iterdir()):
         suffix = _suffix(pred_path.name)
         if suffix is None or not pred_path.is_file() or pred_path.name.startswith("."):
@@ -108,20 +111,24 @@ def _find_cases(pred_dir: Path, gt_dir: Path, images_dir: Path | None) -> list[_
         gt_path = next((p for p in candidates if p.is_file()), None)
         if gt_path is None:
             looked = " or ".join(str(p) for p in candidates)
-            raise InputError(f"no ground truth for this prediction (looked for {looked})", pred_path)
+            failed[pred_path.name] = str(InputError(f"no ground truth for this prediction (looked for {looked})",
+                                                    pred_path))
+            continue
         image_path = None
         if suffix == NPZ_SUFFIX:
             if images_dir is not None:
                 image_path = images_dir / pred_path.name
                 if not image_path.is_file():
-                    raise InputError(f"no image file for this prediction (looked for {image_path})", pred_path)
+                    failed[pred_path.name] = str(InputError(f"no image file for this prediction (looked for "
+                                                            f"{image_path})", pred_path))
+                    continue
             elif gt_path.name != pred_path.name and (gt_dir / pred_path.name).is_file():
                 image_path = gt_dir / pred_path.name  # the challenge layout: CASE.npz beside CASE_gt.npz
         cases.append(_Case(pred_path.name, stem, suffix, pred_path, gt_path, image_path))
-    if not cases:
+    if not cases and not failed:
         endings = ", ".join((NPZ_SUFFIX, *LABEL_IMAGE_SUFFIXES))
         raise InputError(f"no predictions ({endings} files) in the folder", pred_dir)
-    return cases
+    return cases, failed
 
 
 def _as_labels(array: np.ndarray, path: Path, key: str) -> np.ndarray:
@@ -135,10 +142,67 @@ def _as_labels(array: np.ndarray, path: Path, key: str) -> np.ndarray:
     raise InputError(f"'{key}' has dtype {array.dtype}, expected integer labels", path)
 
 
-def _read_label_image(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """A label image's (z, y, x) array and its (x, y, z) spacing from the header."""
+def _read_label_image(path: Path) -> Volume:
+    """A label image as a :class:`Volume` whose array has passed :func:`_as_labels`."""
     volume = read_volume(path)
-    return _as_labels(np.asarray(volume.array), path, "image"), volume.spacing
+    volume.array = _as_labels(np.asarray(volume.array), path, "image")
+    return volume
+
+
+def _index_to_physical(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
+    """The (x, y, z) index -> physical matrix and the origin of a volume."""
+    direction = np.asarray(volume.direction, dtype=np.float64).reshape(3, 3)
+    return direction @ np.diag(np.asarray(volume.spacing, dtype=np.float64)), np.asarray(volume.origin, float)
+
+
+def _same_grid(a: Volume, b: Volume) -> bool:
+    if a.shape != b.shape:
+        return False
+    ma, oa = _index_to_physical(a)
+    mb, ob = _index_to_physical(b)
+    scale = max(1e-6, float(np.max(np.abs(a.spacing))))
+    return bool(np.allclose(ma, mb, atol=1e-4 * scale) and np.allclose(oa, ob, atol=1e-3 * scale))
+
+
+def align_to_reference(pred: Volume, gt: Volume, path: Path) -> np.ndarray:
+    """The prediction's labels on the ground truth's voxel grid.
+
+    Identical grids: the array as it is. The same voxels stored in another axis order or direction (e.g. a
+    flipped NIfTI): reoriented exactly (nearest neighbour at coinciding voxel centres). Anything else (other
+    spacing, shifted origin, rotation): ``InputError`` instead of scoring misaligned arrays.
+    """
+    if _same_grid(pred, gt):
+        return np.asarray(pred.array)
+    mp, op = _index_to_physical(pred)
+    mg, og = _index_to_physical(gt)
+    to_gt = np.linalg.solve(mg, np.column_stack([mp, op - og]))  # pred index -> gt continuous index
+    linear, offset = to_gt[:, :3], to_gt[:, 3]
+    size_p = np.array(pred.shape[::-1])
+    size_g = np.array(gt.shape[::-1])
+    unit = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)])
+    corners = unit * (size_p - 1)
+    mapped = corners @ linear.T + offset
+    signed_permutation = np.allclose(np.abs(linear).sum(axis=0), 1, atol=1e-3) and np.allclose(
+        np.abs(np.round(linear)), np.abs(linear), atol=1e-3)
+    if signed_permutation and np.allclose(mapped, np.round(mapped), atol=1e-2):
+        mapped = np.round(mapped)
+        target = {tuple(c) for c in (unit * (size_g - 1)).tolist()}
+        if {tuple(c) for c in mapped.tolist()} == target:
+            import SimpleITK as sitk
+
+            from text3dsam_cli.io.writers import volume_to_image
+
+            moved = sitk.Resample(volume_to_image(pred, path), volume_to_image(gt.with_array(
+                np.zeros(gt.shape, dtype=np.uint8)), path), sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+            return sitk.GetArrayFromImage(moved)
+    raise InputError("the prediction's voxel grid differs from the ground truth's (shape "
+                     f"{pred.shape} vs {gt.shape}, spacing {_fmt(pred.spacing)} vs {_fmt(gt.spacing)}, origin "
+                     f"{_fmt(pred.origin)} vs {_fmt(gt.origin)}); resample it onto the ground truth's grid first "
+                     f"({gt.path})", path)
+
+
+def _fmt(values: Any) -> str:
+    return "(" + ", ".join(f"{float(v):.4g}" for v in values) + ")"
 
 
 def _read_labels_json(path: str | os.PathLike[str] | None) -> tuple[list[int] | None, bool | None]:
@@ -193,11 +257,9 @@ def _evaluate_case(case: _Case, spacing_order: str, labels: tuple[list[int] | No
     if case.suffix == NPZ_SUFFIX:
         pred, gt, stored, class_ids, instance = _npz_case_info(case, labels)
     else:
-        pred, _ = _read_label_image(case.pred_path)
-        gt, stored = _read_label_image(case.gt_path)
-        if pred.shape != gt.shape:
-            raise InputError(f"prediction shape {pred.shape} differs from the ground truth's {gt.shape} "
-                             f"({case.gt_path})", case.pred_path)
+        gt_volume = _read_label_image(case.gt_path)
+        pred = align_to_reference(_read_label_image(case.pred_path), gt_volume, case.pred_path)
+        gt, stored = np.asarray(gt_volume.array), gt_volume.spacing
         class_ids, instance = labels[0], bool(labels[1])
     if instance:
         result = instance_f1_dsc_tp(pred, gt)
@@ -246,8 +308,10 @@ def evaluate_folder(pred_dir: str | os.PathLike[str], gt_dir: str | os.PathLike[
 
     Returns ``{"cases": {name: {"DSC", "NSD"} or {"F1", "DSC_TP"}}, "summary": {modality | "overall":
     {"cases": n, metric: mean}}, "details": {name: {...}}, "settings": {...}}``. ``on_case(name, index,
-    total)`` is called before each case. Raises :class:`InputError` (naming the file) for a prediction
-    without ground truth, mismatching shapes, missing keys or an empty prediction folder.
+    total)`` is called before each case. A case that cannot be scored (no ground truth, mismatching shapes or
+    grids, missing keys, unreadable files) does not stop the others: it is listed under ``"failed"``
+    (name -> one-line reason). Raises :class:`InputError` only for missing folders or an empty prediction
+    folder. Label images are compared on the ground truth's grid (see :func:`align_to_reference`).
     """
     if spacing_order not in SPACING_ORDERS:
         raise UsageError(f"spacing order must be one of {', '.join(SPACING_ORDERS)}, got {spacing_order!r}")
@@ -255,16 +319,24 @@ def evaluate_folder(pred_dir: str | os.PathLike[str], gt_dir: str | os.PathLike[
     gt_path = _folder(gt_dir, "ground-truth")
     images_path = None if images_dir is None else _folder(images_dir, "image")
     labels = _read_labels_json(labels_json)
-    found = _find_cases(pred_path, gt_path, images_path)
+    found, failed = _find_cases(pred_path, gt_path, images_path)
     cases: dict[str, dict[str, float]] = {}
     details: dict[str, dict[str, Any]] = {}
     for index, case in enumerate(found):
         if on_case is not None:
             on_case(case.name, index, len(found))
-        cases[case.name], details[case.name] = _evaluate_case(case, spacing_order, labels, tolerance_mm)
+        try:
+            cases[case.name], details[case.name] = _evaluate_case(case, spacing_order, labels, tolerance_mm)
+        except Text3DSAMError as exc:
+            failed[case.name] = str(exc)
+        except MemoryError:
+            failed[case.name] = f"{case.pred_path}: out of memory"
+        except (ValueError, RuntimeError, OSError) as exc:  # one bad case must not stop the scoring
+            failed[case.name] = f"{case.pred_path}: {type(exc).__name__}: {exc}"
     return {
         "cases": cases,
         "summary": summarize(cases),
+        "failed": dict(sorted(failed.items())),
         "details": details,
         "settings": {"spacing_order": spacing_order, "tolerance_mm": tolerance_mm, "iou_threshold": 0.5},
     }
@@ -291,9 +363,9 @@ def _write_text(path: str | os.PathLike[str], text: str) -> Path:
     path = Path(path)
     with atomic_path(path) as tmp:
         try:
-            tmp.write_text(text, encoding="utf-8")
+            tmp.write_text(text, encoding="utf-8", errors="surrogateescape")  # case names keep their bytes
         except OSError as exc:
-            raise OutputError(f"cannot write ({exc.strerror or exc})", path) from None
+            raise OutputError(f"cannot write ({describe_os_error(exc)})", path) from None
     return path
 
 

@@ -6,8 +6,11 @@ the CLI renders. Each input succeeds or fails on its own; a bad input never stop
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
+import os
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,7 +23,9 @@ import numpy as np
 from text3dsam_cli import __version__
 from text3dsam_cli.errors import CheckpointError, InputError, Text3DSAMError, UsageError
 from text3dsam_cli.inference import SegmentationResult, Segmenter
-from text3dsam_cli.io import InputItem, Volume, atomic_path, read_volume, write_volume
+from text3dsam_cli.io import InputItem, Volume, atomic_path, image_format, read_text_prompts, read_volume, write_volume
+from text3dsam_cli.io.atomic import clean_stale_temps
+from text3dsam_cli.io.writers import SHEARED_NIFTI, is_orthogonal
 from text3dsam_cli.orientation import (
     DEFAULT_ORIENTATION,
     Reorientation,
@@ -29,8 +34,27 @@ from text3dsam_cli.orientation import (
     closest_code,
     reorientation,
 )
-from text3dsam_cli.preprocess import DEFAULT_WINDOW, ModalityDecision, normalize_as, resolve_modality
-from text3dsam_cli.prompts import check_known_prompts, match_prompt, prompts_for
+from text3dsam_cli.outputs import (
+    Claims,
+    OutputPlan,
+    discard_attempt,
+    existing,
+    is_done,
+    plan_files,
+    remove_marker,
+    write_marker,
+)
+from text3dsam_cli.outputs import output_stem as _output_stem
+from text3dsam_cli.preprocess import (
+    DEFAULT_WINDOW,
+    KNOWN_MODALITIES,
+    ModalityDecision,
+    normalize_as,
+    normalize_modality_name,
+    parse_window,
+    resolve_modality,
+)
+from text3dsam_cli.prompts import check_known_prompts, match_prompt, parse_label_map, prompts_for
 from text3dsam_cli.quality import assess_labels
 
 log = logging.getLogger(__name__)
@@ -39,6 +63,8 @@ log = logging.getLogger(__name__)
 FORMATS = {"nii.gz": ".nii.gz", "nii": ".nii", "nrrd": ".nrrd", "mha": ".mha", "npz": ".npz"}
 FILE_SUFFIXES = tuple(FORMATS.values())
 DEFAULT_OUTPUT_DIR = "text3dsam_output"
+#: Default cap on prompts per input (``--max-prompts``; each prompt is decoded separately).
+DEFAULT_MAX_PROMPTS = 256
 
 
 @dataclass
@@ -60,6 +86,7 @@ class SegmentOptions:
     rtstruct: bool = False
     skip_existing: bool = False
     strict_prompts: bool = False  # refuse prompts that are not phrasings of the vocabulary
+    max_prompts: int | None = DEFAULT_MAX_PROMPTS
 
 
 @dataclass
@@ -107,6 +134,41 @@ def _has_file_suffix(path: str) -> bool:
     return path.lower().endswith(FILE_SUFFIXES)
 
 
+_FILE_ENDING = re.compile(r"\.[A-Za-z][A-Za-z0-9]{0,4}$")
+
+
+def check_options(options: SegmentOptions) -> None:
+    """Refuse option values that cannot work, before any model is loaded (``UsageError``, exit status 2)."""
+    if options.fmt is not None and options.fmt not in FORMATS:
+        raise UsageError(f"unknown --format {options.fmt!r} (use {', '.join(FORMATS)})")
+    parse_window(options.window)
+    if options.modality is not None and normalize_modality_name(options.modality) not in KNOWN_MODALITIES:
+        raise UsageError(f"unknown --modality {options.modality!r} (use one of {', '.join(sorted(KNOWN_MODALITIES))})")
+    if options.max_prompts is not None and options.max_prompts < 1:
+        raise UsageError("--max-prompts must be at least 1 (or 0 on the command line for no limit)")
+    if options.dicom_seg and importlib.util.find_spec("highdicom") is None:
+        from text3dsam_cli.io.dicomseg import MISSING_HIGHDICOM
+
+        raise UsageError(f"--dicom-seg: {MISSING_HIGHDICOM}")
+    target = options.output
+    if not target:
+        return
+    path = Path(target)
+    is_file = _has_file_suffix(target)
+    if not is_file and not path.is_dir() and _FILE_ENDING.search(path.name):
+        hint = " (header/data pairs are not written: use .nrrd or .mha)" if image_format(path) else ""
+        raise UsageError(f"-o {target}: not an output file type{hint}; give a file ending in "
+                         f"{', '.join(FILE_SUFFIXES)}, or a folder (a new folder's name must not end like a file)")
+    folder = path.parent if is_file else path
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"-o {target}: cannot create the output folder, {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"-o {target}: {existing} is not writable")
+
+
 def plan_outputs(items: Sequence[InputItem], options: SegmentOptions) -> list[Path]:
     """Output path of each input: the ``-o`` file for one input, else ``<folder>/<name>`` (see docs/segment.md)."""
     fmt = options.fmt
@@ -125,28 +187,57 @@ def plan_outputs(items: Sequence[InputItem], options: SegmentOptions) -> list[Pa
         for item in items:
             suffix = FORMATS[fmt] if fmt else (".npz" if item.kind == "npz" else ".nii.gz")
             outputs.append(folder / f"{item.stem}{suffix}")
-    inputs = {item.path.resolve() for item in items}
+    inputs = {os.path.realpath(item.path) for item in items}
     for out in outputs:
-        if out.resolve() in inputs:
+        if os.path.realpath(out) in inputs:
             raise UsageError(f"output {out} would overwrite an input")
     return outputs
 
 
 def output_stem(path: Path) -> str:
     """``out/case.nii.gz`` -> ``out/case`` (for sidecars, split masks, previews)."""
-    name = path.name
-    for suffix in FILE_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return str(path.with_name(name[: -len(suffix)]))
-    return str(path)
+    return _output_stem(path, FILE_SUFFIXES)
+
+
+def _stored_label_values(path: Path) -> list[int] | None:
+    """The label values an npz's ``text_prompts`` announce (for planning; None when unreadable or invalid:
+    reading the input then reports the problem)."""
+    try:
+        stored = read_text_prompts(path)
+        if not stored:
+            return None
+        label_map = parse_label_map(stored, path, "text_prompts: ")
+    except Text3DSAMError:
+        return None
+    return [1] if label_map.instance else list(label_map.values)
+
+
+def label_counts(labels: np.ndarray, values: Sequence[int]) -> dict[int, int]:
+    """Voxels per label value, counted slab by slab: no int64 copy of the whole volume (``np.bincount`` on the
+    full array would make one, 8 bytes per voxel)."""
+    wanted = sorted({int(v) for v in values if int(v) >= 0})
+    counts = dict.fromkeys(wanted, 0)
+    if not wanted or labels.size == 0:
+        return counts
+    flat = labels.reshape(labels.shape[0], -1) if labels.ndim > 1 else labels.reshape(1, -1)
+    step = max(1, (1 << 22) // max(1, flat.shape[1]))
+    top = wanted[-1]
+    for start in range(0, flat.shape[0], step):
+        block = flat[start:start + step].ravel()
+        if block.dtype.kind == "i" and block.size and int(block.min()) < 0:
+            block = block[block >= 0]
+        binned = np.bincount(block, minlength=top + 1)
+        for v in wanted:
+            counts[v] += int(binned[v]) if v < binned.size else 0
+    return counts
 
 
 def label_statistics(labels: np.ndarray, values: Sequence[int], prompts: Sequence[str],
                      voxel_ml: float, quality: dict[int, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Per prompt: label value, voxel count, volume in ml, and the :mod:`~text3dsam_cli.quality` figures."""
-    counts = np.bincount(labels.ravel(), minlength=max(values, default=0) + 1)
-    return [{"label": int(v), "prompt": p, "voxels": int(counts[v]), "volume_ml": round(float(counts[v]) * voxel_ml, 4),
-             **(quality or {}).get(int(v), {})}
+    counts = label_counts(labels, values)
+    return [{"label": int(v), "prompt": p, "voxels": counts.get(int(v), 0),
+             "volume_ml": round(float(counts.get(int(v), 0)) * voxel_ml, 4), **(quality or {}).get(int(v), {})}
             for v, p in zip(values, prompts)]
 
 
@@ -285,6 +376,7 @@ class SegmentRun:
         self.prompts = [str(p) for p in prompts]
         if any(not p.strip() for p in self.prompts):
             raise UsageError("empty prompt: prompts must contain text")
+        check_options(options)
         self.options = options
         self.orientation = check_request(options.orientation)
         if options.min_size_ml is not None and not options.min_size_ml >= 0:
@@ -314,22 +406,42 @@ class SegmentRun:
                     future.set_result(None)
                 yield item, future
 
+    def _plan(self, item: InputItem, out: Path) -> OutputPlan:
+        """Every output path of one input (label values from the prompts, or from an npz's text_prompts)."""
+        values: list[int] | None = None
+        if self.prompts:
+            values = self.label_values or list(range(1, len(self.prompts) + 1))
+        elif item.kind == "npz" and item.error is None:
+            values = _stored_label_values(item.path)
+        o = self.options
+        return plan_files(out, FILE_SUFFIXES, values, o.split, o.probabilities, o.preview, o.dicom_seg,
+                          o.rtstruct)
+
     def run(self, items: Sequence[InputItem]) -> RunSummary:
         """Process every input; failures are recorded, never raised (except usage errors)."""
         start = time.perf_counter()
-        outputs = plan_outputs(items, self.options)
-        todo = [not (self.options.skip_existing and out.exists()) for out in outputs]
+        plans = [self._plan(item, out) for item, out in zip(items, plan_outputs(items, self.options))]
+        claims = Claims(item.path for item in items)
+        for item, plan in zip(items, plans):
+            problem = item.error or claims.claim(plan, str(item.path))
+            if problem is not None:
+                plan.error = problem if problem.startswith(f"{item.path}: ") else f"{item.path}: {problem}"
+        clean_stale_temps(f for plan in plans if plan.error is None for f in (*plan.files, plan.marker))
+        todo = [plan.error is None and not (self.options.skip_existing and is_done(plan)) for plan in plans]
         outcomes: list[ItemOutcome] = []
-        for (item, future), out, do in zip(self._prefetched(items, todo), outputs, todo):
+        for (item, future), plan, do in zip(self._prefetched(items, todo), plans, todo):
             t0 = time.perf_counter()
-            self.on_event("start", {"input": str(item.path), "output": str(out)})
-            if not do:
-                outcome = ItemOutcome(str(item.path), "skipped", [str(out)])
+            self.on_event("start", {"input": str(item.path), "output": str(plan.labels)})
+            if plan.error is not None:
+                outcome = ItemOutcome(str(item.path), "failed", error=plan.error)
+            elif not do:
+                outcome = ItemOutcome(str(item.path), "skipped", [str(p) for p in plan.files])
             else:
                 try:
-                    outcome = self._process(item, future, out)
+                    outcome = self._process(item, future, plan, claims)
                 except Text3DSAMError as exc:
-                    outcome = ItemOutcome(str(item.path), "failed", error=str(exc), exception=exc)
+                    text = str(exc) if str(exc).startswith(f"{item.path}: ") else f"{item.path}: {exc}"
+                    outcome = ItemOutcome(str(item.path), "failed", error=text, exception=exc)
                 except MemoryError:
                     outcome = ItemOutcome(str(item.path), "failed", error=f"{item.path}: out of memory")
                 except Exception as exc:  # an unexpected failure on one input must not end the batch
@@ -341,13 +453,16 @@ class SegmentRun:
             self.on_event("done", {"outcome": outcome})
         return RunSummary(outcomes, time.perf_counter() - start)
 
-    def _process(self, item: InputItem, future: Future, out: Path) -> ItemOutcome:
+    def _process(self, item: InputItem, future: Future, plan: OutputPlan, claims: Claims) -> ItemOutcome:
         t_read = time.perf_counter()
         volume: Volume = future.result()
         waited = time.perf_counter() - t_read
         prompts, values, instance = prompts_for(volume, self.prompts, self.label_values)
         if self.options.strict_prompts:
             check_known_prompts(prompts, item.path)
+        if self.options.max_prompts and len(prompts) > self.options.max_prompts:
+            raise InputError(f"{len(prompts)} prompts, more than --max-prompts {self.options.max_prompts} "
+                             "(each prompt is decoded separately; raise the limit to run them all)", item.path)
         if self.options.dicom_seg and volume.source_format != "dicom":
             raise InputError("--dicom-seg needs a DICOM series input", item.path)
         if self.options.rtstruct and volume.source_format != "dicom":
@@ -357,6 +472,10 @@ class SegmentRun:
             from text3dsam_cli.io.dicomseg import read_source_series
 
             sources = read_source_series(volume, "RTSTRUCT")
+        o = self.options
+        if not is_orthogonal(volume.direction) and any(
+                image_format(p) == "nifti" for p in plan.files):
+            raise InputError(SHEARED_NIFTI, item.path)
         t0 = time.perf_counter()
         scan = prepare_scan(volume, self.options.modality, self.options.window, self.orientation,
                             self.orientation_table)
@@ -370,49 +489,79 @@ class SegmentRun:
         t0 = time.perf_counter()
         # Clean-up (if asked) happens here, before any output is written, so every output agrees.
         quality = assess_labels(result.labels, result.label_values, volume.voxel_volume_ml,
-                                self.options.largest_component, self.options.min_size_ml)
+                                o.largest_component, o.min_size_ml)
         t_quality = time.perf_counter() - t0
-        written: dict[str, str] = {}
+        final = plan_files(plan.labels, FILE_SUFFIXES, result.label_values, o.split, o.probabilities and
+                           result.probabilities is not None, o.preview, o.dicom_seg, o.rtstruct)
+        if final.files != plan.files:  # label values known only now (an npz's own prompts): check again
+            problem = claims.claim(final, str(item.path))
+            if problem is not None:
+                raise InputError(problem, item.path)
         t0 = time.perf_counter()
-        stem = output_stem(out)
+        written: dict[str, str] = {}
+        created: list[str] = []
+        before = existing(final)
+        write_marker(final, final.files)
+        try:
+            self._write_all(item, volume, result, final, written, created, sources)
+            timings = {"read_wait": waited, "preprocess": t_pre, **result.timings, "quality": t_quality,
+                       "write": time.perf_counter() - t0}
+            sidecar = build_sidecar(item, volume, result, dict(self.segmenter.model.source), scan.describe(),
+                                    written, timings, scan.orientation, quality)
+            write_json(sidecar, final.sidecar)
+        except BaseException:  # nothing half-done stays: remove what this attempt wrote (the marker goes last)
+            discard_attempt(final, created, before)
+            raise
+        remove_marker(final)
+        files = [written["labels"], *[v for k, v in written.items() if k != "labels"], str(final.sidecar)]
+        return ItemOutcome(str(item.path), "ok", files, sidecar=sidecar)
+
+    def _write_all(self, item: InputItem, volume: Volume, result: SegmentationResult, plan: OutputPlan,
+                   written: dict[str, str], created: list[str], sources: Any = None) -> None:
+        """Write every output of ``plan`` but the sidecar, recording each in ``written`` and ``created``."""
+        extras = plan.extras
+
+        def record(key: str, path: Path) -> None:
+            created.append(str(path))
+            written[key] = str(path)
+
         source = str(self.segmenter.model.source.get("model") or "Text3DSAM")
         name = source if self.segmenter.model.source.get("commit") else f"Text3DSAM ({Path(source).name})"
-        if self.options.dicom_seg:  # first: the output most likely to be refused (source UIDs, highdicom)
+        if "dicom_seg" in extras:  # first: the output most likely to be refused (source UIDs, highdicom)
             from text3dsam_cli.io.dicomseg import write_dicom_seg
 
-            path = Path(f"{stem}.seg.dcm")
-            write_dicom_seg(volume, result.labels, result.label_values, result.prompts, path, model_name=name)
-            written["dicom_seg"] = str(path)
-        if self.options.rtstruct:
+            write_dicom_seg(volume, result.labels, result.label_values, result.prompts, extras["dicom_seg"],
+                            model_name=name)
+            record("dicom_seg", extras["dicom_seg"])
+        if "rtstruct" in extras:
             from text3dsam_cli.io.rtstruct import write_rtstruct
 
-            path = Path(f"{stem}.rtstruct.dcm")
-            write_rtstruct(volume, result.labels, result.label_values, result.prompts, path, model_name=name,
-                           sources=sources)
-            written["rtstruct"] = str(path)
-        written["labels"] = str(self._write_labels(volume, result, out))
-        suffix = out.name[len(Path(stem).name):]
-        if self.options.split:
-            for value, prompt in zip(result.label_values, result.prompts):
-                path = Path(f"{stem}_label{value}{suffix}")
+            write_rtstruct(volume, result.labels, result.label_values, result.prompts, extras["rtstruct"],
+                           model_name=name, sources=sources)
+            record("rtstruct", extras["rtstruct"])
+        record("labels", self._write_labels(volume, result, plan.labels))
+        for value, prompt in zip(result.label_values, result.prompts):
+            path = extras.get(f"mask:{value}")
+            if path is not None:
                 write_volume(volume.with_array((result.labels == value).astype(np.uint8)), path)
-                written[f"mask:{prompt}"] = str(path)
-        if self.options.probabilities and result.probabilities is not None:
-            written.update(self._write_probabilities(volume, result, stem, suffix))
-        if self.options.preview:
+                record(f"mask:{prompt}", path)
+        if result.probabilities is not None and "probabilities" in extras:
+            from text3dsam_cli.io import write_challenge_npz
+
+            write_challenge_npz(extras["probabilities"], probabilities=result.probabilities,
+                                label_values=np.asarray(result.label_values, dtype=np.int32))
+            record("probabilities", extras["probabilities"])
+        if result.probabilities is not None:
+            for j, (value, prompt) in enumerate(zip(result.label_values, result.prompts)):
+                path = extras.get(f"prob:{value}")
+                if path is not None:
+                    write_volume(volume.with_array(result.probabilities[j]), path)
+                    record(f"probabilities:{prompt}", path)
+        if "preview" in extras:
             from text3dsam_cli.preview import write_preview
 
-            path = Path(f"{stem}_preview.png")
-            write_preview(volume, result.labels, result.label_values, result.prompts, path)
-            written["preview"] = str(path)
-        timings = {"read_wait": waited, "preprocess": t_pre, **result.timings, "quality": t_quality,
-                   "write": time.perf_counter() - t0}
-        sidecar = build_sidecar(item, volume, result, dict(self.segmenter.model.source), scan.describe(), written,
-                                timings, scan.orientation, quality)
-        sidecar_path = Path(f"{stem}.json")
-        write_json(sidecar, sidecar_path)
-        files = [written["labels"], *[v for k, v in written.items() if k != "labels"], str(sidecar_path)]
-        return ItemOutcome(str(item.path), "ok", files, sidecar=sidecar)
+            write_preview(volume, result.labels, result.label_values, result.prompts, extras["preview"])
+            record("preview", extras["preview"])
 
     def _write_labels(self, volume: Volume, result: SegmentationResult, out: Path) -> Path:
         if out.name.lower().endswith(".npz"):
@@ -420,22 +569,3 @@ class SegmentRun:
 
             return write_challenge_npz(out, segs=result.labels)
         return write_volume(volume.with_array(result.labels), out)
-
-    def _write_probabilities(self, volume: Volume, result: SegmentationResult, stem: str,
-                             suffix: str) -> dict[str, str]:
-        probs = result.probabilities
-        assert probs is not None
-        if suffix.lower() == ".npz":
-            from text3dsam_cli.io import write_challenge_npz
-
-            path = Path(f"{stem}_probabilities.npz")
-            write_challenge_npz(path, probabilities=probs,
-                                label_values=np.asarray(result.label_values, dtype=np.int32))
-            return {"probabilities": str(path)}
-        written = {}
-        for j, (value, prompt) in enumerate(zip(result.label_values, result.prompts)):
-            path = Path(f"{stem}_prob{value}{suffix}")
-            write_volume(volume.with_array(probs[j]), path)
-            written[f"probabilities:{prompt}"] = str(path)
-        return written
-

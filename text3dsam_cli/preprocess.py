@@ -35,6 +35,8 @@ PERCENTILES = (0.5, 99.5)
 
 _ALIASES = {"MRI": "MR", "PET": "PT", "CT": "CT", "MR": "MR", "PT": "PT", "US": "US",
             "ULTRASOUND": "US", "MICROSCOPY": "MICROSCOPY"}
+#: Accepted ``--modality`` values (after aliases): the model's modalities plus common DICOM image modality codes.
+KNOWN_MODALITIES = frozenset({*_ALIASES.values(), "NM", "XA", "RF", "CR", "DX", "MG", "OCT", "OPT", "OT", "SM"})
 _NPZ_PREFIXES = {"CT": "CT", "MR": "MR", "PET": "PT", "US": "US", "MICROSCOPY": "MICROSCOPY"}
 
 
@@ -70,8 +72,15 @@ def resolve_modality(volume: Volume, override: str | None = None) -> ModalityDec
     """Decide the modality (and so the normalisation) of ``volume``; see the module docstring for the rule."""
     if volume.source_format == "npz":
         modality = normalize_modality_name(override) if override else (volume.modality or _npz_modality(volume))
-        return ModalityDecision(modality, "override" if override else "npz", "none",
-                                "challenge npz images are already normalised to 0..255")
+        low, high = _value_range(volume.array)
+        if low >= 0 and high <= 255:
+            return ModalityDecision(modality, "override" if override else "npz", "none",
+                                    "challenge npz images are already normalised to 0..255")
+        if modality is None:
+            modality = "CT" if low < CT_MINIMUM_THRESHOLD else "MR"
+        return ModalityDecision(modality, "override" if override else "npz", _normalization(modality),
+                                f"npz 'imgs' hold values {low:g}..{high:g}, outside 0..255 (not normalised): "
+                                "normalised like other inputs")
     if override:
         modality = normalize_modality_name(override)
         return ModalityDecision(modality, "override", _normalization(modality), "given explicitly")
@@ -85,6 +94,13 @@ def resolve_modality(volume: Volume, override: str | None = None) -> ModalityDec
     return ModalityDecision("MR", "heuristic", "percentile",
                             f"minimum value {minimum:g} >= {CT_MINIMUM_THRESHOLD:g}: not CT, "
                             "using percentile normalisation")
+
+
+def _value_range(array: np.ndarray) -> tuple[float, float]:
+    """Minimum and maximum (0, 255 for uint8 without looking)."""
+    if array.dtype == np.uint8 or array.size == 0:
+        return 0.0, 255.0 if array.size else 0.0
+    return float(array.min()), float(array.max())
 
 
 def _normalization(modality: str) -> str:

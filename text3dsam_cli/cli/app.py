@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+import logging
+import math
+import signal
+import warnings
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import typer
@@ -34,19 +39,56 @@ def is_debug() -> bool:
     return _state["debug"]
 
 
+def one_line(text: str) -> str:
+    """``text`` with line breaks escaped (a file name may hold one), so that an error stays one line."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def print_error(message: str) -> None:
+    """``error: <message>`` on stderr, on one line."""
+    err_console.print(f"[bold red]error:[/] {escape(one_line(message))}", highlight=False, soft_wrap=True)
+
+
 def fail(message: str, code: int = 1) -> None:
     """Print a one-line error on stderr and exit with ``code``."""
-    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    print_error(message)
     raise typer.Exit(code)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread like KeyboardInterrupt so that temporary files are cleaned up."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Within the block SIGTERM raises :class:`Terminated` (main thread only; elsewhere nothing changes)."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except (ValueError, OSError):  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def handle_errors(func: F) -> F:
-    """Turn library errors into one-line messages and exit codes (tracebacks only with ``--debug``)."""
+    """Turn library errors into one-line messages and exit codes (tracebacks only with ``--debug``).
+
+    Ctrl-C exits with status 130 ("interrupted"), SIGTERM with 143 ("terminated"); in both cases the
+    temporary files of the output being written are removed first.
+    """
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return func(*args, **kwargs)
+            with sigterm_raises():
+                return func(*args, **kwargs)
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except Text3DSAMError as exc:
@@ -55,6 +97,8 @@ def handle_errors(func: F) -> F:
             fail(str(exc), exc.exit_code)
         except KeyboardInterrupt:
             fail("interrupted", 130)
+        except Terminated:
+            fail("terminated (SIGTERM)", 143)
         except Exception as exc:
             if is_debug():
                 err_console.print_exception()
@@ -74,7 +118,7 @@ def parse_triple(text: str | None, option: str, cast: Callable[[str], Any],
         values = []
     if len(values) == 1:
         values *= 3
-    if len(values) != 3 or min(values) <= 0:
+    if len(values) != 3 or min(values) <= 0 or not all(math.isfinite(v) for v in values):
         raise UsageError(f"{option} {text!r}: give one or three positive numbers, e.g. {example}")
     return values[0], values[1], values[2]
 
@@ -94,6 +138,16 @@ def _root(
 ) -> None:
     """Segment 3-D medical images from free-text prompts with Text3DSAM."""
     _state["debug"] = debug
+    quiet_libraries(debug)
+
+
+def quiet_libraries(debug: bool) -> None:
+    """Keep library chatter off stderr (the CLI reports its own one-line messages): numpy RuntimeWarnings and
+    nibabel's notes (commands that use ITK also call ``silence_itk_warnings``). ``--debug`` keeps them."""
+    if debug:
+        return
+    warnings.filterwarnings("ignore", category=RuntimeWarning)
+    logging.getLogger("nibabel").setLevel(logging.ERROR)
 
 
 def main() -> None:

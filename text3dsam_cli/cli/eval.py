@@ -11,7 +11,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from text3dsam_cli.cli.app import app, err_console, handle_errors
+from text3dsam_cli.cli.app import app, err_console, handle_errors, is_debug, print_error
 
 # The evaluation module (scipy, SimpleITK) is imported inside the functions: `text3dsam --help` and the other
 # commands should not pay for it.
@@ -76,6 +76,10 @@ def eval_command(
 
     from text3dsam_cli.evaluation import evaluate_folder, results_to_json, write_csv, write_json
 
+    if not is_debug():
+        from text3dsam_cli.io.itk import silence_itk_warnings
+
+        silence_itk_warnings()
     results = evaluate_folder(pred, gt, images_dir=images, spacing_order=spacing_order.value,
                               labels_json=labels, on_case=progress)
     if not quiet:
@@ -87,3 +91,10 @@ def eval_command(
         sys.stdout.flush()
     elif json_out is not None:
         write_json(results, json_out)
+    failed = results["failed"]
+    for reason in failed.values():
+        print_error(reason)
+    if failed:
+        err_console.print(f"{len(results['cases'])} case(s) scored, {len(failed)} failed (listed under "
+                          "\"failed\" in --json)", highlight=False)
+        raise typer.Exit(1)

@@ -13,7 +13,7 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
-from text3dsam_cli.cli.app import app, err_console, handle_errors, is_debug, parse_triple
+from text3dsam_cli.cli.app import app, err_console, handle_errors, is_debug, one_line, parse_triple, print_error
 from text3dsam_cli.cli.model_cmds import MODEL_HELP
 from text3dsam_cli.errors import UsageError
 
@@ -34,6 +34,19 @@ def quality_table(labels: list[dict[str, Any]]) -> Table:
         table.add_row(str(entry["label"]), escape(str(entry["prompt"])), f"{entry['volume_ml']:.1f}",
                       str(entry.get("components", "")), f"[{style}]{', '.join(marks)}[/]" if marks else "")
     return table
+
+
+def print_path(path: str) -> None:
+    """One output path on its own stdout line; a name that is not valid UTF-8 is written as its raw bytes."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(os.fsencode(path) + b"\n")
+        sys.stdout.buffer.flush()
+        return
+    typer.echo(path)
+    sys.stdout.flush()
 
 
 @app.command("segment")
@@ -84,7 +97,10 @@ def segment_command(
     rtstruct: bool = typer.Option(False, "--rtstruct", help="Also write a DICOM RT Structure Set, one ROI per "
                                   "prompt (DICOM inputs; needs the 'rtstruct' extra: pip install "
                                   "'text3dsam-cli[rtstruct]')."),
-    skip_existing: bool = typer.Option(False, "--skip-existing", help="Skip inputs whose output already exists."),
+    skip_existing: bool = typer.Option(False, "--skip-existing", help="Skip inputs that are done: their sidecar "
+                                       "lists every output this run would write and all of them exist."),
+    max_prompts: int = typer.Option(256, "--max-prompts", help="Refuse an input with more prompts than this "
+                                    "(each prompt is decoded separately; 0: no limit)."),
     shard: str = typer.Option(None, "--shard", help="Process shard i of n of the input list ('i/n', 1-based), "
                               "for cluster job arrays."),
     threads: int = typer.Option(None, "--threads", help="CPU threads for torch."),
@@ -100,13 +116,17 @@ def segment_command(
     from text3dsam_cli.devices import set_threads
     from text3dsam_cli.inference import Segmenter
     from text3dsam_cli.io import expand_inputs, image_format, select_shard
+    from text3dsam_cli.io.itk import silence_itk_warnings
     from text3dsam_cli.model import load_model
     from text3dsam_cli.orientation import check_request
-    from text3dsam_cli.pipeline import SegmentOptions, SegmentRun
+    from text3dsam_cli.pipeline import SegmentOptions, SegmentRun, check_options, plan_outputs
     from text3dsam_cli.prompts import describe_unknown, match_prompt, read_prompt_file, unknown_prompts
 
     def warn(message: str) -> None:
         err_console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+    if not is_debug():
+        silence_itk_warnings()
 
     prompts = list(prompts or [])
     if any(not p.strip() for p in prompts):
@@ -138,14 +158,21 @@ def segment_command(
         orientation = check_request(orientation)
     except UsageError as exc:
         raise UsageError(f"--orientation: {exc}") from None
+    if max_prompts < 0:
+        raise UsageError(f"--max-prompts {max_prompts}: give a positive number, or 0 for no limit")
+    if max_prompts and len(prompts) > max_prompts:
+        raise UsageError(f"{len(prompts)} prompts, more than --max-prompts {max_prompts} (each prompt is decoded "
+                         "separately; raise the limit to run them all)")
     target_spacing = parse_triple(spacing, "--spacing", float, "1.5,1.5,3 (mm, x,y,z)")
-    set_threads(threads)
-    items = select_shard(expand_inputs([input], stdin=sys.stdin if input == "-" else None), shard)
     options = SegmentOptions(output=output, fmt=fmt, series_uid=series, modality=modality, window=window,
                              orientation=orientation, split=split, probabilities=probabilities, preview=preview,
                              dicom_seg=dicom_seg, rtstruct=rtstruct, skip_existing=skip_existing,
                              strict_prompts=strict_prompts, largest_component=largest_component,
-                             min_size_ml=min_size_ml)
+                             min_size_ml=min_size_ml, max_prompts=max_prompts or None)
+    check_options(options)
+    set_threads(threads)
+    items = select_shard(expand_inputs([input], stdin=sys.stdin if input == "-" else None), shard)
+    plan_outputs(items, options)  # usage errors (-o one file for several inputs) before the model loads
     if not quiet:
         err_console.print(f"[dim]{len(items)} input(s); loading model…[/]")
     net = load_model(model, revision)
@@ -160,8 +187,7 @@ def segment_command(
             return
         outcome = data["outcome"]
         if outcome.status == "ok" and not as_json:
-            typer.echo(outcome.outputs[0])
-            sys.stdout.flush()
+            print_path(outcome.outputs[0])
         if quiet:
             return
         for entry in (outcome.sidecar or {}).get("labels", []):  # prompts read from the input (npz)
@@ -169,16 +195,17 @@ def segment_command(
                 warned.add(entry["prompt"])
                 warn(describe_unknown(entry["prompt"], match_prompt(entry["prompt"])))
         if outcome.status == "ok":
-            err_console.print(f"[green]done[/] {escape(outcome.input)} [dim]({outcome.seconds:.1f} s)[/]",
+            err_console.print(f"[green]done[/] {escape(one_line(outcome.input))} [dim]({outcome.seconds:.1f} s)[/]",
                               highlight=False)
             if outcome.sidecar:
                 err_console.print(quality_table(outcome.sidecar.get("labels", [])))
         elif outcome.status == "skipped":
-            err_console.print(f"[yellow]skipped[/] {escape(outcome.input)} (output exists)", highlight=False)
+            err_console.print(f"[yellow]skipped[/] {escape(one_line(outcome.input))} (done: its outputs are complete)",
+                              highlight=False)
         else:
             if is_debug() and outcome.exception is not None:
                 err_console.print("".join(traceback.format_exception(outcome.exception)), markup=False)
-            err_console.print(f"[bold red]error:[/] {escape(outcome.error)}", highlight=False, soft_wrap=True)
+            print_error(outcome.error)
 
     summary = SegmentRun(segmenter, prompts, options, on_event, label_values=label_values).run(items)
     if as_json:

@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pydicom
 import SimpleITK as sitk
 
 from text3dsam_cli.errors import InputError
+from text3dsam_cli.io.atomic import encodable
+from text3dsam_cli.io.itk import itk_path
+from text3dsam_cli.io.limits import check_voxel_count
 from text3dsam_cli.io.readers import first_error_line, volume_from_image
 from text3dsam_cli.io.volume import Volume
 
@@ -40,6 +45,7 @@ class DicomSeries:
     description: str | None = None
     study_uid: str | None = None
     tags: dict[str, Any] = field(default_factory=dict)
+    left_out: list[str] = field(default_factory=list)  # files of this series that GDCM would not stack
 
 
 def is_dicom_file(path: str | os.PathLike[str]) -> bool:
@@ -127,8 +133,73 @@ def list_series(folder: str | os.PathLike[str]) -> list[DicomSeries]:
         series.append(DicomSeries(uid=uid, files=files, modality=modality,
                                   description=_text(ds, "SeriesDescription"),
                                   study_uid=_text(ds, "StudyInstanceUID"), tags=tags))
+    _find_left_out(folder, series)
     series.sort(key=lambda s: (-len(s.files), s.uid))
     return series
+
+
+def _find_left_out(folder: Path, series: list[DicomSeries]) -> None:
+    """Record the folder's DICOM files that carry a series' UID but that GDCM left out of it (e.g. a slice
+    without pixel data): reading the series without them would silently leave a gap."""
+    by_uid = {s.uid: s for s in series}
+    listed = {os.path.normcase(os.path.abspath(f)) for s in series for f in s.files}
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        if entry.name.startswith(".") or os.path.normcase(os.path.abspath(entry)) in listed \
+                or not is_dicom_file(entry):
+            continue
+        ds = _header(str(entry))
+        uid = _text(ds, "SeriesInstanceUID") or ""
+        if uid in by_uid:
+            by_uid[uid].left_out.append(str(entry))
+
+
+def _has_pixels(path: str) -> bool:
+    try:
+        ds = pydicom.dcmread(path, force=True, defer_size=256)
+    except Exception:  # unreadable: GDCM's own error will say so
+        return True
+    return any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
+
+
+def check_series_complete(series: DicomSeries, where: str | os.PathLike[str]) -> None:
+    """Refuse a series with a slice lacking pixel data, or whose slices are not evenly spaced (a gap)."""
+    for path in series.left_out:
+        reason = "has no pixel data" if not _has_pixels(path) else "cannot be stacked with the others"
+        raise InputError(f"this file of series {series.uid or '(empty UID)'} {reason}; refusing the series "
+                         "(it would be read with a missing slice)", path)
+    positions = []
+    for path in series.files:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True,
+                                 specific_tags=["ImagePositionPatient", "ImageOrientationPatient",
+                                                "NumberOfFrames"])
+            position = [float(v) for v in ds.ImagePositionPatient]
+            orientation = [float(v) for v in ds.ImageOrientationPatient]
+            if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+                return  # multi-frame: one file holds the whole stack
+        except Exception:  # no usable geometry tags: nothing to check
+            return
+        positions.append((position, orientation))
+    if len(positions) < 3:
+        return
+    row, col = np.array(positions[0][1][:3]), np.array(positions[0][1][3:])
+    normal = np.cross(row, col)
+    along = np.array([float(np.dot(normal, p)) for p, _ in positions])
+    steps = np.abs(np.diff(along))
+    typical = float(np.median(steps))
+    if typical <= 0:
+        return
+    worst = int(np.argmax(steps))
+    if steps[worst] - float(np.min(steps)) > max(0.01, 0.2 * float(np.min(steps))):
+        typical = float(np.min(steps))
+        names = Path(series.files[worst]).name, Path(series.files[worst + 1]).name
+        raise InputError(f"the slices of series {series.uid or '(empty UID)'} are not evenly spaced: "
+                         f"{steps[worst]:.3g} mm between {names[0]} and {names[1]}, {typical:.3g} mm elsewhere "
+                         "(a missing slice?); refusing the series", where)
 
 
 def choose_series(folder: str | os.PathLike[str], series_uid: str | None = None,
@@ -150,10 +221,19 @@ def choose_series(folder: str | os.PathLike[str], series_uid: str | None = None,
 
 def read_series(series: DicomSeries, where: str | os.PathLike[str]) -> Volume:
     """Read the files of one series into a :class:`Volume` (array (z, y, x), native dtype, LPS geometry)."""
+    check_series_complete(series, where)
+    _check_series_size(series, where)
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(series.files)
     try:
-        image = reader.Execute()
+        with contextlib.ExitStack() as stack:
+            files = list(series.files)
+            if not all(encodable(f) for f in files):  # ITK needs UTF-8 names: read through numbered symlinks
+                links = stack.enter_context(tempfile.TemporaryDirectory(prefix="text3dsam-series-"))
+                for i, name in enumerate(list(files)):
+                    files[i] = os.path.join(links, f"{i:06d}.dcm")
+                    os.symlink(os.path.abspath(name), files[i])
+            reader.SetFileNames(files)
+            image = reader.Execute()
     except RuntimeError as exc:
         raise InputError(f"cannot read the DICOM series {series.uid or '(empty UID)'} "
                          f"({first_error_line(exc)})", where) from None
@@ -168,10 +248,29 @@ def read_series(series: DicomSeries, where: str | os.PathLike[str]) -> Volume:
     return volume_from_image(image, Path(where), "dicom", series.modality, meta)
 
 
+def _check_series_size(series: DicomSeries, where: str | os.PathLike[str]) -> None:
+    try:
+        ds = pydicom.dcmread(series.files[0], stop_before_pixels=True, force=True,
+                             specific_tags=["Rows", "Columns", "NumberOfFrames"])
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except Exception:  # no usable size tags: GDCM decides
+        return
+    check_voxel_count((len(series.files) * frames, rows, cols), where, f"the DICOM series {series.uid}")
+
+
 def read_dicom(path: str | os.PathLike[str], series_uid: str | None = None) -> Volume:
     """A DICOM series from a folder (series rule applies) or from one of its files (that file's series)."""
     path = Path(path)
     folder = path if path.is_dir() else path.parent
+    if not encodable(str(folder.absolute())):  # GDCM needs a UTF-8 name: read through a symlinked alias
+        with itk_path(folder.absolute()) as alias:
+            volume = read_dicom(Path(alias) / path.name if not path.is_dir() else Path(alias), series_uid)
+        prefix = alias.rstrip(os.sep) + os.sep
+        volume.path = path
+        volume.meta["dicom_files"] = [str(folder / f[len(prefix):]) if f.startswith(prefix) else f
+                                      for f in volume.meta.get("dicom_files", [])]
+        return volume
     series = list_series(folder)
     if path.is_dir() or series_uid is not None:
         chosen = choose_series(folder, series_uid, series)

@@ -24,7 +24,7 @@ from pydicom.valuerep import format_number_as_ds
 
 import text3dsam_cli
 from text3dsam_cli.errors import InputError, OutputError
-from text3dsam_cli.io.atomic import atomic_path
+from text3dsam_cli.io.atomic import atomic_path, describe_os_error
 from text3dsam_cli.io.readers import first_error_line
 from text3dsam_cli.io.segment_codes import code_for_prompt
 from text3dsam_cli.io.volume import Volume
@@ -338,5 +338,5 @@ def write_dicom_seg(volume: Volume, labels: np.ndarray, label_values: Sequence[i
         try:
             seg.save_as(tmp)
         except OSError as exc:
-            raise OutputError(f"cannot write the DICOM-SEG ({exc.strerror or exc})", path) from None
+            raise OutputError(f"cannot write the DICOM-SEG ({describe_os_error(exc)})", path) from None
     return path

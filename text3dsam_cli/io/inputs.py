@@ -16,6 +16,7 @@ When two inputs would share a name, their parent folder names are prefixed until
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import sys
@@ -33,11 +34,15 @@ GT_SUFFIX = "_gt.npz"
 
 @dataclass(frozen=True)
 class InputItem:
-    """One input to process: ``path`` (file or DICOM folder), ``kind`` and the output ``name``/``stem``."""
+    """One input to process: ``path`` (file or DICOM folder), ``kind`` and the output ``name``/``stem``.
+
+    ``error`` marks a folder entry that cannot be used (a symlink loop, an unreadable entry): the run reports
+    it as a failed input with that message and processes the rest."""
 
     path: Path
     kind: str
     stem: str
+    error: str | None = None  # set for a folder entry that cannot be used (e.g. a symlink loop): reported, skipped
 
     @property
     def name(self) -> str:
@@ -80,6 +85,15 @@ def _expand_folder(folder: Path) -> list[InputItem]:
     for entry in entries:
         if entry.name.startswith("."):
             continue
+        try:
+            entry.stat()
+        except OSError as exc:
+            if entry.is_symlink() and image_format(entry) is None and exc.errno != errno.ELOOP:
+                continue  # a dangling link to something that is not an image: not an input
+            reason = "symlink loop" if exc.errno == errno.ELOOP else f"cannot access ({exc.strerror or exc})"
+            items.append(InputItem(path=entry, kind="unusable", stem=strip_image_suffix(entry.name),
+                                   error=f"{entry}: {reason}"))
+            continue
         if entry.is_dir():
             if _is_series_folder(entry):
                 items.append(InputItem(path=entry, kind="dicom", stem=entry.name))
@@ -115,12 +129,30 @@ def _expand_one(arg: str) -> list[InputItem]:
 
 
 def _read_list(stream: TextIO) -> list[str]:
+    """Paths from a stream, one per line; bytes that are not UTF-8 are kept (``os.fsdecode``), not fatal."""
+    raw = getattr(stream, "buffer", None)
+    if raw is not None:
+        try:
+            data = raw.read()
+        except (OSError, ValueError):
+            data = None
+        if isinstance(data, bytes):
+            lines = [os.fsdecode(line) for line in data.split(b"\n")]
+            return [line.strip() for line in lines if line.strip()]
     return [line.strip() for line in stream.read().splitlines() if line.strip()]
+
+
+def _resolved(path: Path) -> Path:
+    """An absolute, symlink-free path; a loop or an unreadable link yields the absolute path unresolved."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):
+        return Path(os.path.abspath(path))
 
 
 def _anchor(item: InputItem) -> Path:
     """The folder whose name (and its parents' names) can tell apart inputs that share a stem."""
-    path = item.path.resolve()
+    path = _resolved(item.path)
     if item.kind == "dicom" and path.is_file():
         return path.parent.parent  # the stem is already the series folder's name
     return path.parent
@@ -157,7 +189,8 @@ def _unique_stems(items: list[InputItem]) -> list[InputItem]:
         if not resolved:
             for number, i in enumerate(members, start=1):
                 stems[i] = f"{stems[i]}_{number}"
-    return [InputItem(path=item.path, kind=item.kind, stem=stem) for item, stem in zip(items, stems, strict=True)]
+    return [InputItem(path=item.path, kind=item.kind, stem=stem, error=item.error)
+            for item, stem in zip(items, stems, strict=True)]
 
 
 def expand_inputs(args: Sequence[str | os.PathLike[str]], stdin: TextIO | None = None) -> list[InputItem]:
@@ -179,7 +212,7 @@ def expand_inputs(args: Sequence[str | os.PathLike[str]], stdin: TextIO | None =
     seen: set[Path] = set()
     for text in pending:
         for item in _expand_one(text):
-            key = item.path.resolve()
+            key = _resolved(item.path)
             if key not in seen:
                 seen.add(key)
                 items.append(item)

@@ -22,7 +22,8 @@ import numpy as np
 from numpy.lib import format as npy_format
 
 from text3dsam_cli.errors import InputError, OutputError
-from text3dsam_cli.io.atomic import atomic_path
+from text3dsam_cli.io.atomic import atomic_path, describe_os_error
+from text3dsam_cli.io.limits import check_voxel_count
 from text3dsam_cli.io.volume import IDENTITY_DIRECTION, Volume
 
 REFUSAL = "refusing to unpickle {what} (only plain dicts, strings and numbers are accepted)"
@@ -270,7 +271,7 @@ def _read_numeric_member(zf: zipfile.ZipFile, member: str, path: Path, key: str)
             shape, fortran, dtype = _read_header(fp)
             if dtype.hasobject:
                 raise InputError(f"'{key}' is an object array, expected numbers", path)
-            count = int(np.prod(shape, dtype=np.int64))
+            count = check_voxel_count(shape, path, f"'{key}'")
             needed = count * dtype.itemsize
             header_size = fp.tell()
             if info.file_size - header_size != needed:
@@ -412,5 +413,5 @@ def write_challenge_npz(path: str | os.PathLike[str], segs: np.ndarray | None = 
             with open(tmp, "wb") as fp:
                 np.savez_compressed(fp, **members)
         except OSError as exc:
-            raise OutputError(f"cannot write ({exc.strerror or exc})", path) from None
+            raise OutputError(f"cannot write ({describe_os_error(exc)})", path) from None
     return path

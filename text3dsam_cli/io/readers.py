@@ -22,6 +22,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from text3dsam_cli.errors import InputError
+from text3dsam_cli.io.atomic import encodable
+from text3dsam_cli.io.itk import itk_path
+from text3dsam_cli.io.limits import check_voxel_count
 from text3dsam_cli.io.npz import check_finite, read_challenge_npz
 from text3dsam_cli.io.volume import Volume
 
@@ -102,6 +105,7 @@ def _read_dicom_folder(folder: Path, series_uid: str | None) -> Volume:
 def _read_image_file(path: Path, fmt: str) -> Volume:
     name = _FORMAT_NAMES[fmt]
     if fmt == "nifti":
+        _check_nifti_header(path)
         _check_nifti_complete(path)
     elif fmt == "metaimage":
         _check_metaimage_complete(path)
@@ -116,6 +120,10 @@ def _read_image_file(path: Path, fmt: str) -> Volume:
                                  path) from None
             raise InputError(f"cannot read the {name} header ({first_error_line(exc)})", path) from None
         check_layout(reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents(), path)
+        count = check_voxel_count(reader.GetSize(), path)
+        if fmt == "nrrd":
+            item = sitk.Image([1, 1], reader.GetPixelID()).GetSizeOfPixelComponent()
+            _check_nrrd_complete(path, count * item * reader.GetNumberOfComponents())
         try:
             image = reader.Execute()
         except RuntimeError as exc:
@@ -152,6 +160,10 @@ def _itk_readable_name(path: Path, fmt: str) -> Iterator[str]:
     ``x.nii.gz``; when such a sibling exists, the file is read through a symlink (or copy) in a private
     temporary folder instead.
     """
+    if not encodable(str(path)):  # ITK cannot take a name that is not valid UTF-8: read through a safe alias
+        with itk_path(path) as alias:
+            yield alias
+        return
     if fmt != "nifti":
         yield str(path)
         return
@@ -260,6 +272,67 @@ def _check_nifti_complete(path: Path) -> None:
     if total < expected:
         raise InputError(f"truncated NIfTI file ({total} bytes of data after decompression, "
                          f"its header needs {expected})", path)
+
+
+def _nifti_raw_header(path: Path) -> tuple[list[int], list[float]] | None:
+    """``dim`` and ``pixdim`` exactly as stored (nibabel silently replaces zero pixdims by 1 on loading)."""
+    import struct
+
+    try:
+        opener = gzip.open if path.name.lower().endswith(".gz") else open
+        with opener(path, "rb") as fp:
+            raw = fp.read(540)
+    except (OSError, EOFError, zlib.error):
+        return None
+    for order in ("<", ">"):
+        if len(raw) >= 348 and struct.unpack(f"{order}i", raw[:4])[0] == 348:
+            return list(struct.unpack(f"{order}8h", raw[40:56])), list(struct.unpack(f"{order}8f", raw[76:108]))
+        if len(raw) >= 540 and struct.unpack(f"{order}i", raw[:4])[0] == 540:
+            return list(struct.unpack(f"{order}8q", raw[16:80])), list(struct.unpack(f"{order}8d", raw[104:168]))
+    return None
+
+
+def _check_nifti_header(path: Path) -> None:
+    """Refuse a NIfTI whose header gives a zero (or non-finite) voxel size: ITK would silently use 1 mm."""
+    header = _nifti_raw_header(path)
+    if header is None:
+        return  # not a header we understand: let SimpleITK report what is wrong
+    dim, pixdim = header
+    zooms = [float(v) for v in pixdim[1:1 + max(0, min(3, int(dim[0])))]]
+    if any(not np.isfinite(v) or v == 0 for v in zooms):
+        raise InputError(f"the header gives voxel spacing {zooms} (pixdim[1:4]); a zero or non-finite spacing "
+                         "cannot be used (ITK would silently assume 1 mm): fix the header", path)
+
+
+def _check_nrrd_complete(path: Path, needed: int) -> None:
+    """A raw NRRD must hold as many data bytes as its header declares (checked before allocating them)."""
+    fields: dict[str, str] = {}
+    try:
+        with open(path, "rb") as fp:
+            for _ in range(400):
+                line = fp.readline(1 << 16)
+                if not line or line in (b"\n", b"\r\n"):
+                    break
+                key, sep, value = line.decode("latin-1").partition(":")
+                if sep and not key.startswith("#"):
+                    fields[key.strip().lower()] = value.lstrip("=").strip()
+            header_end = fp.tell()
+    except OSError:
+        return
+    if fields.get("encoding", "").lower() != "raw":
+        return  # compressed: the voxel limit bounds what decompression can allocate
+    data_file = fields.get("data file") or fields.get("datafile")
+    if data_file is None:
+        where, available = path, path.stat().st_size - header_end
+    else:
+        if data_file.startswith("LIST") or "%" in data_file or " " in data_file:
+            return
+        where = path.parent / data_file
+        if not where.is_file():
+            raise InputError(f"the NRRD data file {data_file!r} is missing", path)
+        available = where.stat().st_size
+    if available < needed:
+        raise InputError(f"truncated NRRD data ({available} bytes, the header needs {needed})", where)
 
 
 _MET_SIZES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
