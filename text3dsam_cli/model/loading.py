@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +142,36 @@ def tokenizer_digest(folder: Path) -> str | None:
     return digest.hexdigest() if found else None
 
 
+#: ``torch.nn.init`` functions that module constructors call to fill their parameters.
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+                   "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
+                   "sparse_")
+
+
+@contextlib.contextmanager
+def skeleton_construction() -> Iterator[None]:
+    """Build modules on the meta device without running their initialisers (the checkpoint fills every tensor).
+
+    Initialisers on meta tensors would route through torch's reference implementations, which import
+    ``torch._dynamo`` (seconds of start-up); skipping them also skips work whose result is thrown away.
+    """
+    from torch.nn import init
+
+    saved = {name: getattr(init, name) for name in _INIT_FUNCTIONS if hasattr(init, name)}
+    try:
+        for name in saved:
+            setattr(init, name, _keep)
+        with torch.device("meta"):
+            yield
+    finally:
+        for name, function in saved.items():
+            setattr(init, name, function)
+
+
+def _keep(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return tensor
+
+
 def load_model(source: str | os.PathLike[str] | None = None, revision: str | None = None,
                device: str | torch.device = "cpu", download: bool = True) -> Text3DSAM:
     """Load a Text3DSAM model in eval mode from a checkpoint folder or a hub repo id.
@@ -155,7 +185,7 @@ def load_model(source: str | os.PathLike[str] | None = None, revision: str | Non
     tensors = read_state_dict(folder)
     config.text_config = resolve_text_config(config, tensors)
     try:
-        with torch.device("meta"):  # no random initialisation: every tensor comes from the checkpoint
+        with skeleton_construction():  # no random initialisation: every tensor comes from the checkpoint
             model = Text3DSAM(config)
     except (ValueError, RuntimeError) as exc:
         raise CheckpointError(f"invalid text-encoder config ({exc})", folder / "config.json") from exc

@@ -78,15 +78,18 @@ def infer_text_config(state_dict: Mapping[str, torch.Tensor], text_model: str,
 
 def text_config_from_hub(text_model: str, cache_dir: str | None = None,
                         allow_network: bool = False) -> dict[str, Any] | None:
-    """The text model's BERT config from the Hugging Face cache (or the hub if allowed), else None."""
-    try:
-        from huggingface_hub import hf_hub_download
+    """The text model's BERT config from the Hugging Face cache (or the hub if allowed), else None.
 
-        try:
-            path = hf_hub_download(text_model, "config.json", cache_dir=cache_dir, local_files_only=True)
-        except Exception:
+    The cache is looked up on disk first (``models--org--name/refs/main`` -> snapshot), so that a load that
+    needs no download does not import ``huggingface_hub``.
+    """
+    try:
+        path = _cached_hub_file(text_model, "config.json", cache_dir)
+        if path is None:
             if not allow_network:
                 return None
+            from huggingface_hub import hf_hub_download
+
             path = hf_hub_download(text_model, "config.json", cache_dir=cache_dir, etag_timeout=5)
         with open(path, encoding="utf-8") as f:
             config = json.load(f)
@@ -96,6 +99,21 @@ def text_config_from_hub(text_model: str, cache_dir: str | None = None,
         log.debug("no hub config for %s: %s", text_model, exc)
         return None
     return {k: config[k] for k in BERT_KEYS if k in config}
+
+
+def _cached_hub_file(repo_id: str, filename: str, cache_dir: str | None) -> str | None:
+    """``filename`` of ``repo_id``'s ``main`` snapshot in a Hugging Face hub cache folder, if present."""
+    from pathlib import Path
+
+    if cache_dir is None or "/" not in repo_id:
+        return None
+    repo = Path(cache_dir) / ("models--" + repo_id.replace("/", "--"))
+    try:
+        commit = (repo / "refs" / "main").read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+    path = repo / "snapshots" / commit / filename
+    return str(path) if path.is_file() else None
 
 
 @dataclass
