@@ -102,8 +102,8 @@ def info_command(
                       "cpu_threads": torch.get_num_threads()}
     info["hub"] = {"cache": str(hub_cache_dir()), "offline": hub_offline()}
     info["versions"] = {name: _version(name) for name in
-                        ("torch", "transformers", "huggingface_hub", "safetensors", "SimpleITK", "nibabel",
-                         "pydicom", "monai", "numpy", "typer", "highdicom")}
+                        ("torch", "tokenizers", "transformers", "huggingface_hub", "safetensors", "SimpleITK",
+                         "nibabel", "pydicom", "monai", "numpy", "typer", "highdicom")}
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return
