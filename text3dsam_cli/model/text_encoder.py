@@ -132,6 +132,7 @@ class BertGeometry:
     pad_token_id: int = 0
     hidden_dropout_prob: float = 0.1
     attention_probs_dropout_prob: float = 0.1
+    initializer_range: float = 0.02
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> BertGeometry:
@@ -278,6 +279,23 @@ class BertTextEncoder(nn.Module):
         self.embeddings = BertEmbeddings(self.config)
         self.encoder = BertEncoder(self.config)
         self.pooler = BertPooler(self.config)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """BERT's initialisation (normal with ``initializer_range``, zero biases, unit LayerNorms), as in
+        training from scratch; loading a checkpoint replaces every tensor (and skips this on the meta device)."""
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        elif (isinstance(module, nn.Embedding) and module.padding_idx is not None
+              and module.weight.device.type != "meta"):
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, L) token ids (+ 0/1 mask) -> (B, L, hidden) last hidden states."""
