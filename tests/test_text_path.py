@@ -119,3 +119,23 @@ def test_text_embeddings_equal_reference(variant, request):
             dynamic = model.encode_text(ids[:, :n], mask[:, :n]).numpy()
         assert np.abs(padded - ref[f"text_embedding_{i}"]).max() < 1e-6  # measured: 0
         assert np.abs(dynamic - ref[f"text_embedding_{i}"]).max() < 1e-5
+
+
+def test_cosine_schedule_equals_transformers():
+    transformers = pytest.importorskip("transformers")
+    from text3dsam_cli.training.trainer import cosine_schedule_with_warmup
+
+    def rates(make):
+        param = torch.nn.Parameter(torch.zeros(1))
+        optimizer = torch.optim.SGD([param], lr=0.1)
+        schedule = make(optimizer)
+        out = []
+        for _ in range(60):
+            out.append(schedule.get_last_lr()[0])
+            optimizer.step()
+            schedule.step()
+        return out
+
+    ours = rates(lambda o: cosine_schedule_with_warmup(o, 7, 50))
+    theirs = rates(lambda o: transformers.get_cosine_schedule_with_warmup(o, 7, 50))
+    assert ours == pytest.approx(theirs, abs=1e-12)
