@@ -11,7 +11,17 @@ Each procedure runs in its own worker process (so peak RSS is its own), with the
 * ours: `Segmenter.segment`, what `text3dsam segment` runs (plus `text3dsam segment` end to end, CLI included);
 * per-prompt cost: ours with 1 prompt vs all prompts.
 
+Whole processes, as users run them (issue 8), each timed from the outside with its own peak RSS:
+
+* the authors' procedure as a process: import transformers' BERT stack (as the authors' code does), load the
+  model, read the case, run the procedure above, write the label map;
+* `text3dsam segment CASE.npz` with a warm prompt-embedding store (the prompts stored by an earlier run) and
+  with a cold one (an empty store: first use of the prompts);
+* `text3dsam --help`.
+
 Prints wall times, ratios against the baseline measured in the same run, voxel agreement and peak RSS.
+Targets (issue 8, CPU, 2 threads): warm >= 6x and cold >= 4x the authors' process, peak RSS <= 1.5 GB,
+agreement >= 99.9 %, `--help` < 0.3 s.
 """
 
 from __future__ import annotations
@@ -81,6 +91,80 @@ def worker(kind: str, checkpoint: str, case: str, repeat: int, out: str) -> None
         json.dump({"times": times, "rss_mb": peak_rss_mb(), "prompts": len(prompts)}, f)
 
 
+#: Runs a module or script as __main__ and writes its own peak RSS to a JSON file at exit.
+RSS_WRAPPER = r"""
+import atexit, json, resource, runpy, sys
+out = sys.argv[1]
+def _report():
+    with open(out, "w") as f:
+        json.dump({"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}, f)
+atexit.register(_report)
+mode, target = sys.argv[2], sys.argv[3]
+sys.argv = [target, *sys.argv[4:]]
+if mode == "module":
+    runpy.run_module(target, run_name="__main__", alter_sys=True)
+else:
+    runpy.run_path(target, run_name="__main__")
+"""
+
+
+def whole_process(args: list[str], tmp: Path, env: dict[str, str] | None = None) -> dict:
+    """Wall time (from the outside) and peak RSS of one whole Python process."""
+    report = tmp / f"rss-{time.monotonic_ns()}.json"
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", RSS_WRAPPER, str(report), *args], capture_output=True, text=True,
+                          env=env)
+    seconds = time.perf_counter() - t
+    if proc.returncode:
+        raise SystemExit(f"failed: {' '.join(args)}\n{proc.stderr[-3000:]}")
+    return {"seconds": seconds, "rss_mb": json.loads(report.read_text())["rss_mb"]}
+
+
+def authors_process(checkpoint: str, case: str, out: str, threads: int) -> None:
+    """The authors' procedure as one process: their imports (transformers' BERT), load, read, predict, write."""
+    import torch
+    from transformers import BertModel, BertTokenizer  # noqa: F401  (what the authors' pred.py imports)
+
+    torch.set_num_threads(threads)
+    import numpy as np
+
+    from text3dsam_cli.inference import whole_volume_reference
+    from text3dsam_cli.io import read_challenge_npz
+    from text3dsam_cli.model import load_model
+    from text3dsam_cli.pipeline import prompts_for
+
+    model = load_model(checkpoint)
+    volume = read_challenge_npz(CHALLENGE / f"{case}.npz")
+    prompts, values, _ = prompts_for(volume, [])
+    labels = whole_volume_reference(model, volume.array.astype(np.float32), prompts, values)
+    np.savez_compressed(out, segs=labels)
+
+
+def run_whole_processes(checkpoint: Path, case: str, repeat: int, threads: int, tmp: Path) -> dict:
+    """Authors' process, ours warm and cold, interleaved so that all see the same machine load; --help."""
+    import numpy as np
+
+    base_env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    warm_env = {**base_env, "TEXT3DSAM_CACHE": str(tmp / "warm-cache")}
+    ours = ["module", "text3dsam_cli", "segment", str(CHALLENGE / f"{case}.npz"), "-m", str(checkpoint),
+            "--device", "cpu", "--threads", str(threads), "-q"]
+    whole_process([*ours, "-o", str(tmp / "warmup.npz")], tmp, warm_env)  # stores the case's prompts
+    results: dict[str, list[dict]] = {"authors": [], "warm": [], "cold": [], "help": []}
+    for i in range(repeat):
+        results["authors"].append(whole_process(
+            ["path", __file__, "--authors-process", str(checkpoint), case, str(tmp / "authors.npz"),
+             "--threads", str(threads)], tmp, base_env))
+        results["warm"].append(whole_process([*ours, "-o", str(tmp / "warm.npz")], tmp, warm_env))
+        cold_env = {**base_env, "TEXT3DSAM_CACHE": str(tmp / f"cold-cache-{i}")}  # empty: first use
+        results["cold"].append(whole_process([*ours, "-o", str(tmp / "cold.npz")], tmp, cold_env))
+    for _ in range(max(3, repeat)):
+        results["help"].append(whole_process(["module", "text3dsam_cli", "--help"], tmp, base_env))
+    authors = np.load(tmp / "authors.npz")["segs"]
+    results["agreement_warm"] = float((np.load(tmp / "warm.npz")["segs"] == authors).mean())
+    results["agreement_cold"] = float((np.load(tmp / "cold.npz")["segs"] == authors).mean())
+    return results
+
+
 def run_worker(kind: str, checkpoint: Path, case: str, repeat: int, tmp: Path) -> dict:
     out = tmp / f"{kind}.json"
     subprocess.run([sys.executable, __file__, "--worker", kind, "--checkpoint", str(checkpoint), "--case", case,
@@ -108,11 +192,17 @@ def main() -> None:
     ap.add_argument("--case", default="CT_AMOS_amos_0018")
     ap.add_argument("--checkpoint", help="checkpoint folder (default: build the shared `full` one)")
     ap.add_argument("--repeat", type=int, default=2, help="runs per procedure; the best is reported")
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads of the whole-process runs")
+    ap.add_argument("--only-processes", action="store_true", help="only the whole-process comparison")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--authors-process", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker(args.worker, args.checkpoint, args.case, args.repeat, args.out)
+        return
+    if args.authors_process:
+        authors_process(*args.authors_process, args.threads)
         return
     import numpy as np
     import torch
@@ -120,6 +210,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         checkpoint = Path(args.checkpoint) if args.checkpoint else build_checkpoint(tmp / "ckpt")
+        processes = run_whole_processes(checkpoint, args.case, args.repeat, args.threads, tmp)
+        print_processes(processes, args)
+        if args.only_processes:
+            return
         base = run_worker("baseline", checkpoint, args.case, args.repeat, tmp)
         ours = run_worker("ours", checkpoint, args.case, args.repeat, tmp)
         cli = run_cli(checkpoint, args.case, tmp)
@@ -147,6 +241,32 @@ def main() -> None:
     width = max(len(r[0]) for r in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
+
+
+
+
+def print_processes(results: dict, args: argparse.Namespace) -> None:
+    """The whole-process table: seconds, ratio against the authors' process, peak RSS, agreement."""
+    best = {k: min(results[k], key=lambda r: r["seconds"]) for k in ("authors", "warm", "cold", "help")}
+    authors = best["authors"]["seconds"]
+    rows = [
+        ("case / threads", f"{args.case} / {args.threads}"),
+        ("authors' procedure, whole process (s)", f"{authors:.2f}"),
+        ("ours warm store, whole process (s)", f"{best['warm']['seconds']:.2f}"),
+        ("  speed-up (target >= 6x)", f"{authors / best['warm']['seconds']:.2f}x"),
+        ("ours cold store, whole process (s)", f"{best['cold']['seconds']:.2f}"),
+        ("  speed-up (target >= 4x)", f"{authors / best['cold']['seconds']:.2f}x"),
+        ("peak RSS authors' process (MB)", f"{max(r['rss_mb'] for r in results['authors']):.0f}"),
+        ("peak RSS ours warm / cold (MB) (target <= 1536)",
+         f"{max(r['rss_mb'] for r in results['warm']):.0f} / {max(r['rss_mb'] for r in results['cold']):.0f}"),
+        ("agreement with the authors' process, warm / cold (target >= 99.9 %)",
+         f"{results['agreement_warm']:.5%} / {results['agreement_cold']:.5%}"),
+        ("text3dsam --help, whole process (s) (target < 0.3)", f"{best['help']['seconds']:.2f}"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    print()
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ def _isolated_hub(tmp_path_factory, monkeypatch):
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("TEXT3DSAM_MODEL", raising=False)
+    # Each test gets its own empty prompt-embedding store: never the user's, never another test's.
+    monkeypatch.setenv("TEXT3DSAM_CACHE", str(tmp_path_factory.mktemp("text3dsam_cache")))
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from text3dsam_cli.errors import UsageError
@@ -10,10 +12,17 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def resolve_device(spec: str | None = "auto") -> torch.device:
-    """``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` -> an available ``torch.device``."""
+    """``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` -> an available ``torch.device``.
+
+    ``auto`` picks ``cuda:$LOCAL_RANK`` when a launcher (torchrun, accelerate) sets ``LOCAL_RANK``.
+    """
     spec = (spec or "auto").strip().lower()
     if spec == "auto":
         if torch.cuda.is_available():
+            # one GPU per worker under torchrun / accelerate (LOCAL_RANK), else the current device
+            local_rank = os.environ.get("LOCAL_RANK", "")
+            if local_rank.isdigit():
+                return torch.device("cuda", int(local_rank) % max(1, torch.cuda.device_count()))
             return torch.device("cuda")
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from text3dsam_cli.devices import autocast_dtype, resolve_device
+from text3dsam_cli.embedding_store import EmbeddingStore
 from text3dsam_cli.errors import UsageError
 from text3dsam_cli.model import Text3DSAM
 
@@ -46,17 +47,186 @@ class SegmentationResult:
 def _source_index(in_size: int, out_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor,
                                                                                torch.Tensor]:
     """Linear-interpolation indices and weights of PyTorch's ``align_corners=False`` rule along one axis."""
-    scale = in_size / out_size
-    src = ((torch.arange(out_size, device=device, dtype=torch.float32) + 0.5) * scale - 0.5).clamp_(min=0)
+    scale = torch.tensor(float(in_size), dtype=torch.float32) / out_size  # float32, as ATen computes it
+    src = ((torch.arange(out_size, device=device, dtype=torch.float32) + 0.5) * scale.to(device) - 0.5).clamp_(min=0)
     i0 = src.floor().long().clamp_(max=in_size - 1)
     i1 = (i0 + 1).clamp_(max=in_size - 1)
     return i0, i1, (src - i0).to(torch.float32)
 
 
+#: Work per voxel and prompt of the cell path relative to the dense path (measured on 2 CPU cores: 5-12).
+CELL_PATH_COST = 8.0
+#: Margin (in logits) by which a decision must hold at a cell's corners to be trusted inside the cell.
+CELL_MARGIN = 0.05
+#: Below this logit float32 probabilities are far from saturation: a CELL_MARGIN logit gap is many ulps apart.
+UNSATURATED = 10.0
+#: At or above this logit the float32 sigmoid is exactly 1.0; at or below SATURATION_LOW it is below 1.0.
+SATURATION_HIGH = 17.5
+SATURATION_LOW = 15.5
+
+
+def _corner_bounds(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max of each cell's 8 corners: cell (a, b, c) spans low-res voxels a..a+1, b..b+1, c..c+1 (clamped).
+
+    Trilinear interpolation is a convex combination of the corners, so these bound every output voxel of the cell.
+    """
+    lo, hi = logits, logits
+    for axis in (1, 2, 3):
+        n = logits.shape[axis]
+        nxt = torch.clamp(torch.arange(n, device=logits.device) + 1, max=n - 1)
+        lo = torch.minimum(lo, lo.index_select(axis, nxt))
+        hi = torch.maximum(hi, hi.index_select(axis, nxt))
+    return lo, hi
+
+
+def live_prompts(logits: torch.Tensor, margin: float = CELL_MARGIN) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K, d, h, w) bool: prompts that can win somewhere in each cell (authors' float32 rule); and corner minima.
+
+    Prompt j is ruled out in a cell when it cannot beat background (its logit stays below -margin: p < 0.5), or
+    when another prompt i beats it at every voxel of the cell: by a margin where j is far from saturation, or
+    as an earlier prompt (ties go to the earlier one) by a margin or by saturating (float32 p == 1.0).
+    """
+    lo, hi = _corner_bounds(logits)
+    k = logits.shape[0]
+    floor = torch.full_like(lo[:1], float("-inf"))
+    earlier = torch.cat([floor, torch.cummax(lo, 0).values[:-1]]) if k > 1 else floor  # max lo over i < j
+    later = (torch.cat([torch.cummax(lo.flip(0), 0).values[:-1].flip(0), floor]) if k > 1 else floor)
+    dead = hi <= -margin
+    dead |= earlier >= hi + margin
+    dead |= earlier >= SATURATION_HIGH
+    dead |= (later >= hi + margin) & (hi <= UNSATURATED)
+    dead |= (later >= SATURATION_HIGH) & (hi <= SATURATION_LOW)  # p_i == 1.0 > p_j
+    return ~dead, lo
+
+
+def _cells(in_size: int, out_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per low-res index a: first output index whose interpolation starts at a, and how many do."""
+    i0, _, _ = _source_index(in_size, out_size, device)
+    counts = torch.bincount(i0, minlength=in_size)
+    starts = torch.cumsum(counts, 0) - counts
+    return starts, counts, int(counts.max().item())
+
+
+def _labels_in_cells(flat: torch.Tensor, flat_shape: tuple[int, int, int, int], cells: torch.Tensor,
+                     prompts: torch.Tensor, axes: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
+    """Exact labels (index into [background, prompts...]) of every voxel of the given cells.
+
+    ``flat`` (K+1, d*h*w) logits with a last row of "no prompt" (-1e4); ``cells`` (U, 3) low-res cell
+    coordinates; ``prompts`` (R, U) prompt indices to evaluate per cell in ascending order (K = none).
+    Returns (U, Mz, My, Mx) int64; voxel boxes are padded by repeating the cell's last voxel. The arithmetic
+    follows :func:`upsample_argmax_dense`: z by ``torch.lerp`` at low resolution, then bilinear in (y, x) as
+    ATen computes it, sigmoid, first maximum.
+    """
+    _, d, h, w = flat_shape
+    sizes = (d, h, w)
+    corner_pos = []
+    for axis in range(3):
+        a = cells[:, axis]
+        corner_pos.append(torch.stack([a, torch.clamp(a + 1, max=sizes[axis] - 1)], 1))  # (U, 2)
+    pos = ((corner_pos[0][:, :, None, None] * h + corner_pos[1][:, None, :, None]) * w
+           + corner_pos[2][:, None, None, :])  # (U, 2, 2, 2)
+    v = flat[prompts[:, :, None, None, None], pos[None]]  # (R, U, 2, 2, 2)
+    boxes = []
+    for axis in range(3):
+        starts, counts, most, _ = axes[axis]
+        a = cells[:, axis]
+        offset = torch.minimum(torch.arange(most, device=a.device)[None], counts[a][:, None] - 1)
+        boxes.append(starts[a][:, None] + offset)  # (U, M) output indices
+    wz = axes[0][3][boxes[0]]  # (U, Mz)
+    vz = torch.lerp(v[:, :, 0][:, :, None], v[:, :, 1][:, :, None], wz[None, :, :, None, None])  # (R,U,Mz,2,2)
+    ly1 = axes[1][3][boxes[1]]  # (U, My)
+    lx1 = axes[2][3][boxes[2]]  # (U, Mx)
+    ly0, lx0 = 1 - ly1, 1 - lx1
+    lx0b, lx1b = lx0[None, :, None, :], lx1[None, :, None, :]
+    row0 = vz[..., 0, 0, None] * lx0b + vz[..., 0, 1, None] * lx1b  # (R, U, Mz, Mx)
+    row1 = vz[..., 1, 0, None] * lx0b + vz[..., 1, 1, None] * lx1b
+    values = (row0[:, :, :, None, :] * ly0[None, :, None, :, None]
+              + row1[:, :, :, None, :] * ly1[None, :, None, :, None])  # (R, U, Mz, My, Mx)
+    values.sigmoid_()
+    # First maximum over the (ascending) prompts = the running strict maximum of the authors' rule.
+    best, position = values.max(0)
+    chosen = torch.gather(prompts + 1, 0, position.reshape(position.shape[0], -1).T)  # (Mz*My*Mx, U)
+    index = chosen.T.reshape(position.shape)
+    index.masked_fill_(torch.rsub(best, 1.0).clamp_(0, 1) >= best, 0)
+    return index
+
+
 def upsample_argmax(logits: torch.Tensor, out_shape: Sequence[int], label_values: Sequence[int],
-                    keep_probabilities: bool = False, chunk_voxels: int = 1 << 22,
+                    keep_probabilities: bool = False, chunk_voxels: int = 1 << 22, force_cells: bool = False,
                     ) -> tuple[np.ndarray, np.ndarray | None]:
     """Low-res logits (K, d, h, w) -> label map on ``out_shape`` (trilinear, align_corners=False).
+
+    Decided at low resolution where possible: inside a cell of the low-resolution grid the interpolated logits
+    are convex combinations of the cell's 8 corners, so a prompt that loses at all corners by a margin (or to
+    saturation, see :func:`live_prompts`) loses everywhere in the cell. Cells where no prompt or one prompt
+    survives and wins over background take one label; only the other cells (organ boundaries) are computed at
+    full resolution, and there only for their surviving prompts, with the authors' float32 tie rule.
+    When that would cost more than the dense path (logits that change winner inside most cells, like those of
+    the deterministic test checkpoints), :func:`upsample_argmax_dense` runs instead (``force_cells`` overrides,
+    for tests). ``keep_probabilities`` needs every voxel and uses the dense path too.
+    """
+    if keep_probabilities:
+        return upsample_argmax_dense(logits, out_shape, label_values, True, chunk_voxels)
+    logits = logits.float()
+    k, d, h, w = logits.shape
+    out = [int(s) for s in out_shape]
+    device = logits.device
+    dtype = np.uint8 if max(label_values, default=0) <= 255 else np.uint16
+    lut = np.asarray([0, *label_values], dtype=dtype)
+    live, lo = live_prompts(logits)
+    count = live.sum(0)
+    first = torch.argmax(live.to(torch.uint8), 0)  # the first live prompt (0 when none)
+    first_lo = torch.gather(lo, 0, first[None])[0]
+    decided_fg = (count == 1) & (first_lo >= CELL_MARGIN)
+    cell_label = torch.where(decided_fg, first + 1, torch.zeros_like(first))
+    axes = []
+    for n_in, n_out in zip((d, h, w), out):
+        starts, counts, most = _cells(n_in, n_out, device)
+        _, _, weight = _source_index(n_in, n_out, device)
+        axes.append((starts, counts, most, weight))
+    has_voxels = (axes[0][1][:, None, None] > 0) & (axes[1][1][None, :, None] > 0) & (axes[2][1][None, None, :] > 0)
+    undecided = (count > 0) & ~decided_fg & has_voxels
+    # Voxels x prompts to evaluate here (each about twice the work of the dense path's) against the dense path.
+    voxels = (axes[0][1][:, None, None] * axes[1][1][None, :, None] * axes[2][1][None, None, :])
+    work = float((voxels * count * undecided).sum().item()) * CELL_PATH_COST
+    if not force_cells and work > float(np.prod(out)) * k:
+        return upsample_argmax_dense(logits, out_shape, label_values, False, chunk_voxels)
+    # Every voxel takes its cell's label; boundary cells are overwritten below.
+    labels = lut[cell_label.cpu().numpy()]
+    for axis in range(3):
+        labels = np.repeat(labels, axes[axis][1].cpu().numpy(), axis=axis)
+    cells = torch.nonzero(undecided)  # (U, 3)
+    if cells.shape[0]:
+        live_counts = count[undecided]
+        order = torch.argsort(live_counts, stable=True)
+        cells, live_counts = cells[order], live_counts[order]
+        box = axes[0][2] * axes[1][2] * axes[2][2]
+        flat = torch.cat([logits.reshape(k, -1), torch.full_like(logits.reshape(k, -1)[:1], -1e4)])
+        index_pad = torch.where(live, torch.arange(k, device=device).view(-1, 1, 1, 1), torch.full_like(first, k))
+        sorted_idx = torch.sort(index_pad, 0).values  # live prompts first, ascending; k = none
+        position = 0
+        total = cells.shape[0]
+        while position < total:
+            r = int(live_counts[position].item())
+            # as many cells of this live count as fit in the chunk budget
+            same = int((live_counts[position:] == r).sum().item())
+            step = max(1, min(same, chunk_voxels // max(1, box * r)))
+            chunk = cells[position : position + step]
+            prompts = sorted_idx[:r, chunk[:, 0], chunk[:, 1], chunk[:, 2]]  # (R, U)
+            index = _labels_in_cells(flat, (k, d, h, w), chunk, prompts, axes)
+            zz, yy, xx = (axes[a][0][chunk[:, a]][:, None] + torch.minimum(
+                torch.arange(axes[a][2], device=device)[None], axes[a][1][chunk[:, a]][:, None] - 1)
+                for a in range(3))
+            labels[zz.cpu().numpy()[:, :, None, None], yy.cpu().numpy()[:, None, :, None],
+                   xx.cpu().numpy()[:, None, None, :]] = lut[index.cpu().numpy()]
+            position += step
+    return labels, None
+
+
+def upsample_argmax_dense(logits: torch.Tensor, out_shape: Sequence[int], label_values: Sequence[int],
+                          keep_probabilities: bool = False, chunk_voxels: int = 1 << 22,
+                          ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Every voxel, every prompt: the exact running argmax (and, if asked, float16 probabilities).
 
     Trilinear interpolation is separable: the z axis is interpolated first at low resolution (cheap), then
     each z-chunk is resized bilinearly in (y, x) straight into its full-resolution slab, so each prompt costs
@@ -116,15 +286,19 @@ def window_starts(size: int, window: int, step: int) -> list[int]:
 
 
 class Segmenter:
-    """Model + device policy + prompt-embedding cache, built once and reused for a whole batch of images.
+    """Model + device policy + prompt embeddings, built once and reused for a whole batch of images.
 
     ``mode`` ``auto`` follows the checkpoint's ``config.inference.mode`` (default ``whole``).
     ``spacing`` (x, y, z mm) is the sliding-window target spacing; None keeps the input spacing.
+    ``embedding_cache``: True uses the on-disk prompt-embedding store of this model's text encoder
+    (:mod:`text3dsam_cli.embedding_store`), False computes every prompt (kept for this Segmenter only), or a
+    given :class:`~text3dsam_cli.embedding_store.EmbeddingStore`.
     """
 
     def __init__(self, model: Text3DSAM, device: str | torch.device = "auto", precision: str = "auto",
                  mode: str = "auto", spacing: Sequence[float] | None = None, overlap: float = 0.5,
-                 sw_batch_size: int = 2, prompt_batch_size: int | None = None) -> None:
+                 sw_batch_size: int = 2, prompt_batch_size: int | None = None,
+                 embedding_cache: bool | EmbeddingStore = True) -> None:
         if mode not in MODES:
             raise UsageError(f"unknown inference mode {mode!r} (use {', '.join(MODES)})")
         if not 0 <= overlap < 1:
@@ -142,17 +316,37 @@ class Segmenter:
         self.amp_dtype = autocast_dtype(self.device, precision)
         self.model = model.to(self.device).eval()
         self._prompt_cache: dict[str, torch.Tensor] = {}
+        self._store: EmbeddingStore | None = embedding_cache if isinstance(embedding_cache, EmbeddingStore) else None
+        self._use_store = bool(embedding_cache)
 
     # -- prompts -------------------------------------------------------------------------------------------
+    def embedding_store(self) -> EmbeddingStore | None:
+        """The on-disk store for this model's text encoder (opened on first use), or None when disabled."""
+        if self._use_store and self._store is None:
+            self._store = EmbeddingStore.for_model(self.model)
+        return self._store if self._use_store else None
+
     def embed_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """(K, C) embeddings; each distinct prompt is encoded once per Segmenter."""
+        """(K, C) float32 embeddings: from this Segmenter's memory, else the store, else the text encoder.
+
+        Text is always encoded in float32 (the encoder is small), so stored vectors do not depend on precision.
+        """
         todo = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
+        store = self.embedding_store() if todo else None
+        if store is not None:
+            for prompt, vector in store.get(todo).items():
+                self._prompt_cache[prompt] = torch.from_numpy(vector).to(self.device)
+            todo = [p for p in todo if p not in self._prompt_cache]
+        computed: dict[str, np.ndarray] = {}
         for start in range(0, len(todo), self.prompt_batch_size):
             batch = todo[start : start + self.prompt_batch_size]
-            with torch.inference_mode(), self._autocast():
+            with torch.inference_mode():
                 emb = self.model.encode_prompts(batch).float()
             for prompt, vector in zip(batch, emb):
                 self._prompt_cache[prompt] = vector
+                computed[prompt] = vector.cpu().numpy()
+        if store is not None and computed:
+            store.put(computed)
         return torch.stack([self._prompt_cache[p] for p in prompts])
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -239,12 +433,24 @@ class Segmenter:
         except torch.cuda.OutOfMemoryError:
             if self.device.type != "cuda":
                 raise
-            log.warning("CUDA out of memory; retrying this image on the CPU")
-            torch.cuda.empty_cache()
-            self.device, self.amp_dtype = torch.device("cpu"), None
-            self.model = self.model.to(self.device)
+            log.warning("CUDA out of memory; retrying this image on the CPU (the next image goes to the GPU)")
+            return self._segment_on_cpu(image, list(prompts), values, spacing, instance, keep_probabilities)
+
+    def _segment_on_cpu(self, image: np.ndarray, prompts: list[str], values: list[int],
+                        spacing: Sequence[float] | None, instance: bool,
+                        keep_probabilities: bool) -> SegmentationResult:
+        """One image on the CPU in float32, then the model goes back to the GPU for the next image."""
+        gpu, amp, batch = self.device, self.amp_dtype, self.prompt_batch_size
+        torch.cuda.empty_cache()
+        self.device, self.amp_dtype, self.prompt_batch_size = torch.device("cpu"), None, 4
+        self.model = self.model.to(self.device)
+        self._prompt_cache.clear()
+        try:
+            return self._segment(image, prompts, values, spacing, instance, keep_probabilities)
+        finally:
             self._prompt_cache.clear()
-            return self._segment(image, list(prompts), values, spacing, instance, keep_probabilities)
+            self.device, self.amp_dtype, self.prompt_batch_size = gpu, amp, batch
+            self.model = self.model.to(gpu)
 
     def _segment(self, image: np.ndarray, prompts: list[str], values: list[int],
                  spacing: Sequence[float] | None, instance: bool, keep_probabilities: bool) -> SegmentationResult:

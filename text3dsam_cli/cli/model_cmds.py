@@ -20,18 +20,52 @@ MODEL_HELP = "Checkpoint folder or Hugging Face repo id (default: $TEXT3DSAM_MOD
 def download_command(
     model: str = typer.Argument(None, help=MODEL_HELP, show_default=False),
     revision: str = typer.Option(None, "--revision", help="Branch, tag or commit of the hub repo."),
+    vocabulary: str = typer.Option(None, "--vocabulary", help="Prompts JSON ({dataset: {label: \\[phrasings]}}, "
+                                   "like the challenge's) whose phrasings fill the prompt-embedding store "
+                                   "(default: the packaged training vocabulary, when present)."),
+    no_embedding_cache: bool = typer.Option(False, "--no-embedding-cache", help="Do not fill the "
+                                            "prompt-embedding store."),
 ) -> None:
     """Pre-fetch model weights into the Hugging Face cache (honours HF_HOME, HF_ENDPOINT, HF_TOKEN).
 
-    Run it on a connected machine; copy the cache (HF_HOME) to offline machines and set HF_HUB_OFFLINE=1 there.
-    Interrupted downloads resume. Prints the snapshot folder on stdout.
+    Also fills the prompt-embedding store ($TEXT3DSAM_CACHE, else ~/.cache/text3dsam) with the training
+    vocabulary, so that runs with those prompts never load the text encoder's tokenizer. Run it on a connected
+    machine; copy the caches to offline machines and set HF_HUB_OFFLINE=1 there. Interrupted downloads resume.
+    Prints the snapshot folder on stdout.
     """
     from text3dsam_cli.model import download_model
 
     location = download_model(model, revision)
     err_console.print(f"model {location.repo_id or location.path} ready"
                       + (f" (commit {location.commit})" if location.commit else ""))
+    if not no_embedding_cache:
+        phrasings = vocabulary_phrasings(vocabulary)
+        if phrasings:
+            from text3dsam_cli.embedding_store import EmbeddingStore, fill_embedding_store
+            from text3dsam_cli.model import load_model
+
+            net = load_model(location)
+            store = EmbeddingStore.for_model(net)
+            added = fill_embedding_store(net, phrasings, store)
+            err_console.print(f"prompt-embedding store {store.path}: {len(store)} prompts ({added} new)")
     typer.echo(str(location.path))
+
+
+def vocabulary_phrasings(path: str | None) -> list[str]:
+    """Phrasings of ``--vocabulary`` (a prompts JSON), else of the packaged vocabulary, else none."""
+    if path:
+        from text3dsam_cli.embedding_store import phrasings_from_prompts_json
+        from text3dsam_cli.errors import InputError
+
+        try:
+            return phrasings_from_prompts_json(path)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot read the vocabulary ({exc})", path) from None
+    try:
+        from text3dsam_cli.prompts import load_vocabulary  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        return []
+    return list(dict.fromkeys(p for entry in load_vocabulary() for p in entry.phrasings))
 
 
 def _version(name: str) -> str | None:
@@ -68,8 +102,8 @@ def info_command(
                       "cpu_threads": torch.get_num_threads()}
     info["hub"] = {"cache": str(hub_cache_dir()), "offline": hub_offline()}
     info["versions"] = {name: _version(name) for name in
-                        ("torch", "transformers", "huggingface_hub", "safetensors", "SimpleITK", "nibabel",
-                         "pydicom", "monai", "numpy", "typer", "highdicom")}
+                        ("torch", "tokenizers", "transformers", "huggingface_hub", "safetensors", "SimpleITK",
+                         "nibabel", "pydicom", "monai", "numpy", "typer", "highdicom")}
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return

@@ -102,8 +102,11 @@ def segment_command(
     max_prompts: int = typer.Option(256, "--max-prompts", help="Refuse an input with more prompts than this "
                                     "(each prompt is decoded separately; 0: no limit)."),
     shard: str = typer.Option(None, "--shard", help="Process shard i of n of the input list ('i/n', 1-based), "
-                              "for cluster job arrays."),
+                              "or 'auto': i/n from torchrun (RANK/WORLD_SIZE), a SLURM job array or srun tasks."),
     threads: int = typer.Option(None, "--threads", help="CPU threads for torch."),
+    no_embedding_cache: bool = typer.Option(False, "--no-embedding-cache", help="Encode every prompt with the "
+                                            "text encoder; neither read nor write the prompt-embedding store "
+                                            "($TEXT3DSAM_CACHE, else ~/.cache/text3dsam)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or log output on stderr."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout instead of output paths."),
 ) -> None:
@@ -177,7 +180,7 @@ def segment_command(
         err_console.print(f"[dim]{len(items)} input(s); loading model…[/]")
     net = load_model(model, revision)
     segmenter = Segmenter(net, device=device, precision=precision, mode=mode, spacing=target_spacing,
-                          overlap=overlap, sw_batch_size=sw_batch_size)
+                          overlap=overlap, sw_batch_size=sw_batch_size, embedding_cache=not no_embedding_cache)
     if not quiet:
         where = net.source.get("model")
         err_console.print(f"[dim]model {where} on {segmenter.device} ({segmenter.mode} volume mode)[/]")

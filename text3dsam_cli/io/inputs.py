@@ -20,7 +20,7 @@ import errno
 import os
 import re
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -232,13 +232,63 @@ def parse_shard(spec: str) -> tuple[int, int]:
     raise UsageError(f"invalid shard {spec!r}: expected i/n with 1 <= i <= n, e.g. 1/4")
 
 
-def select_shard(items: Iterable[InputItem], spec: str | None) -> list[InputItem]:
+def shard_from_environment(environ: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """``--shard auto``: this worker's ``(i, n)`` from the launcher's environment.
+
+    * torchrun / ``torch.distributed.run`` (and launchers that set the same variables): ``RANK + 1`` of
+      ``WORLD_SIZE``;
+    * a SLURM job array: ``(SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN) / SLURM_ARRAY_TASK_STEP + 1`` of
+      ``SLURM_ARRAY_TASK_COUNT`` (the array must be a regular range such as ``--array=0-15`` or ``1-31:2``);
+    * ``srun`` tasks of one job step: ``SLURM_PROCID + 1`` of ``SLURM_NTASKS``.
+    """
+    env = os.environ if environ is None else environ
+
+    def number(name: str) -> int:
+        try:
+            return int(env[name])
+        except (KeyError, ValueError):
+            raise UsageError(f"--shard auto: ${name} is {env.get(name)!r}, not a number") from None
+
+    if "RANK" in env and "WORLD_SIZE" in env:
+        index, count, source = number("RANK") + 1, number("WORLD_SIZE"), "torchrun RANK/WORLD_SIZE"
+    elif "SLURM_ARRAY_TASK_ID" in env:
+        task = number("SLURM_ARRAY_TASK_ID")
+        first = number("SLURM_ARRAY_TASK_MIN") if "SLURM_ARRAY_TASK_MIN" in env else 0
+        step = number("SLURM_ARRAY_TASK_STEP") if "SLURM_ARRAY_TASK_STEP" in env else 1
+        if "SLURM_ARRAY_TASK_COUNT" in env:
+            count = number("SLURM_ARRAY_TASK_COUNT")
+        elif "SLURM_ARRAY_TASK_MAX" in env:
+            count = (number("SLURM_ARRAY_TASK_MAX") - first) // max(1, step) + 1
+        else:
+            raise UsageError("--shard auto: SLURM_ARRAY_TASK_ID is set but neither SLURM_ARRAY_TASK_COUNT nor "
+                             "SLURM_ARRAY_TASK_MAX")
+        if step < 1 or (task - first) % step:
+            raise UsageError(f"--shard auto: array task {task} is not on the range {first}, {first + step}, ... "
+                             "(use a regular --array=A-B[:S], or give --shard i/n)")
+        index, source = (task - first) // step + 1, "SLURM job array"
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        index, count, source = number("SLURM_PROCID") + 1, number("SLURM_NTASKS"), "srun SLURM_PROCID/SLURM_NTASKS"
+    else:
+        raise UsageError("--shard auto needs a launcher: torchrun (RANK, WORLD_SIZE) or a SLURM job array "
+                         "(SLURM_ARRAY_TASK_ID, ...) or srun tasks (SLURM_PROCID, SLURM_NTASKS); neither is set, "
+                         "so give --shard i/n")
+    if not 1 <= index <= count:
+        raise UsageError(f"--shard auto: {source} gives shard {index} of {count}, which is out of range")
+    return index, count
+
+
+def select_shard(items: Iterable[InputItem], spec: str | None,
+                 environ: Mapping[str, str] | None = None) -> list[InputItem]:
     """The items of shard ``i/n``: sorted by path string, those whose index ``k`` has ``k % n == i - 1``.
 
-    ``spec`` None returns all items, sorted the same way. Every item lands in exactly one of the n shards.
+    ``spec`` None returns all items, sorted the same way; ``"auto"`` takes ``i/n`` from the launcher's
+    environment (:func:`shard_from_environment`). Every item lands in exactly one of the n shards.
     """
     ordered = sorted(items, key=lambda item: str(item.path))
     if spec is None:
         return ordered
-    index, count = parse_shard(spec)
+    if spec.strip().lower() == "auto":
+        index, count = shard_from_environment(environ)
+    else:
+        index, count = parse_shard(spec)
     return [item for k, item in enumerate(ordered) if k % count == index - 1]

@@ -104,6 +104,10 @@ def _read_dicom_folder(folder: Path, series_uid: str | None) -> Volume:
 
 def _read_image_file(path: Path, fmt: str) -> Volume:
     name = _FORMAT_NAMES[fmt]
+    if fmt == "nifti" and path.name.lower().endswith(".gz"):
+        volume = _read_float_nifti_gz_once(path)
+        if volume is not None:
+            return volume
     if fmt == "nifti":
         _check_nifti_header(path)
         _check_nifti_complete(path)
@@ -132,6 +136,93 @@ def _read_image_file(path: Path, fmt: str) -> Volume:
     if fmt == "nifti" and image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
         _check_nifti_finite(path)
     return volume_from_image(image, path, fmt, None, {})
+
+
+def _gzip_module() -> Any:
+    """The fastest available zlib-compatible module: ISA-L's (``isal``, optional) or Python's ``zlib``."""
+    try:
+        from isal import isal_zlib
+
+        return isal_zlib
+    except ImportError:
+        return zlib
+
+
+def _read_float_nifti_gz_once(path: Path) -> Volume | None:
+    """A float ``.nii.gz`` without intensity scaling, decompressed once; None when another path must read it.
+
+    ITK maps NaN to 0, so float NIfTI files used to be decompressed twice (by ITK, then by nibabel to look for
+    NaN). Here the file is decompressed once into the array (ISA-L when installed), its size is checked against
+    the header (truncation) and NaN/inf are looked for on that array; ITK reads only the header, for the
+    geometry in its own (LPS) terms. NIfTI stores voxels with x fastest, which is ITK's and numpy's (z, y, x)
+    C order, so the bytes are the array as ``sitk.GetArrayFromImage`` would give it.
+    """
+    import nibabel as nib
+
+    try:
+        proxy = nib.load(str(path)).dataobj
+        shape = tuple(int(v) for v in proxy.shape)
+        dtype = np.dtype(proxy.dtype)
+        offset = int(proxy.offset)
+        slope, inter = float(proxy.slope), float(proxy.inter)
+    except Exception:
+        return None
+    trivial_scaling = (np.isnan(slope) or slope in (0.0, 1.0)) and (np.isnan(inter) or inter == 0.0)
+    if dtype.kind != "f" or len(shape) != 3 or not trivial_scaling:
+        return None
+    with _itk_readable_name(path, "nifti") as itk_name:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(itk_name)
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError:
+            return None  # let the general path report it
+        if tuple(reader.GetSize()) != shape or reader.GetNumberOfComponents() != 1:
+            return None
+        spacing, origin, direction = reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection()
+    check_layout(3, shape, 1, path)
+    count = int(np.prod(shape, dtype=np.int64))
+    expected = offset + count * dtype.itemsize
+    buffer = bytearray(expected)
+    view = memoryview(buffer)
+    filled = 0
+    gz = _gzip_module()
+    try:
+        with open(path, "rb") as fp:
+            inflater = gz.decompressobj(31)
+            while filled < expected:
+                chunk = fp.read(1 << 22)
+                if not chunk:
+                    break
+                while chunk and filled < expected:
+                    out = inflater.decompress(chunk, expected - filled)
+                    view[filled : filled + len(out)] = out
+                    filled += len(out)
+                    chunk = inflater.unconsumed_tail
+                    if inflater.eof:  # a multi-member gzip file: start the next member
+                        chunk = inflater.unused_data + chunk
+                        inflater = gz.decompressobj(31)
+    except (OSError, zlib.error) as exc:
+        raise InputError(f"truncated or corrupt NIfTI file ({exc})", path) from None
+    except Exception as exc:  # isal's error type
+        raise InputError(f"truncated or corrupt NIfTI file ({exc})", path) from None
+    if filled < expected:
+        raise InputError(f"truncated NIfTI file ({filled} bytes of data after decompression, "
+                         f"its header needs {expected})", path)
+    array = np.frombuffer(buffer, dtype=dtype, count=count, offset=offset).reshape(shape[::-1])
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    check_finite(array, path, "the image")
+    return Volume(
+        array=array,
+        spacing=tuple(float(v) for v in spacing),  # type: ignore[arg-type]
+        origin=tuple(float(v) for v in origin),  # type: ignore[arg-type]
+        direction=tuple(float(v) for v in direction),
+        path=path,
+        source_format="nifti",
+        modality=None,
+        meta={},
+    )
 
 
 def _check_nifti_finite(path: Path) -> None:
@@ -240,10 +331,10 @@ def _nifti_expected_bytes(path: Path) -> int | None:
     import nibabel as nib
 
     try:
-        header = nib.load(str(path)).header
-        shape = header.get_data_shape()
-        itemsize = header.get_data_dtype().itemsize
-        offset = int(header.get_data_offset())
+        proxy = nib.load(str(path)).dataobj  # the loaded image's header copy has vox_offset reset to 0
+        shape = proxy.shape
+        itemsize = proxy.dtype.itemsize
+        offset = int(proxy.offset)
     except Exception:  # nibabel refuses it: let SimpleITK report what is wrong
         return None
     return offset + int(np.prod(shape, dtype=np.int64)) * itemsize

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from text3dsam_cli.model.config import Text3DSAMConfig
 from text3dsam_cli.model.hub import ModelLocation, hub_cache_dir, hub_offline, resolve_model
 from text3dsam_cli.model.text3dsam import Text3DSAM
 from text3dsam_cli.model.text_encoder import KNOWN_HEADS, infer_text_config, text_config_from_hub
+from text3dsam_cli.model.tokenizer import WordPieceTokenizer
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json")
@@ -98,20 +100,76 @@ def check_state_dict(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]
                               where)
 
 
-def load_tokenizer(folder: Path, text_model: str) -> Any:
-    """The BERT WordPiece tokenizer shipped with the checkpoint (else the text model's, from the cache)."""
-    from transformers import BertTokenizerFast
-
+def load_tokenizer(folder: Path, text_model: str) -> WordPieceTokenizer:
+    """The BERT WordPiece tokenizer shipped with the checkpoint (else the text model's, from the HF cache)."""
     if any((folder / name).is_file() for name in TOKENIZER_FILES):
         try:
-            return BertTokenizerFast.from_pretrained(str(folder))
+            return WordPieceTokenizer.from_folder(folder)
         except Exception as exc:
             raise CheckpointError(f"cannot load the tokenizer ({exc})", folder) from exc
     try:
-        return BertTokenizerFast.from_pretrained(text_model, cache_dir=str(hub_cache_dir()),
-                                                 local_files_only=hub_offline())
+        return WordPieceTokenizer.from_folder(cached_tokenizer_folder(text_model))
     except Exception as exc:
         raise CheckpointError(f"no tokenizer files (vocab.txt) and none cached for {text_model}", folder) from exc
+
+
+def cached_tokenizer_folder(text_model: str) -> Path:
+    """The folder holding ``text_model``'s vocab.txt: a local folder, else its HF cache snapshot (or download)."""
+    local = Path(text_model).expanduser()
+    if local.is_dir():
+        return local
+    from huggingface_hub import hf_hub_download
+
+    offline = hub_offline()
+    path = Path(hf_hub_download(text_model, "vocab.txt", cache_dir=str(hub_cache_dir()), local_files_only=offline))
+    with contextlib.suppress(Exception):  # optional: BERT defaults (lowercasing) apply without it
+        hf_hub_download(text_model, "tokenizer_config.json", cache_dir=str(hub_cache_dir()),
+                        local_files_only=offline)
+    return path.parent
+
+
+def tokenizer_digest(folder: Path) -> str | None:
+    """A hash of the tokenizer files in ``folder`` (part of the prompt-embedding fingerprint), None if absent."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    found = False
+    for name in (*TOKENIZER_FILES, "tokenizer_config.json"):
+        path = folder / name
+        if path.is_file():
+            digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+            found = True
+    return digest.hexdigest() if found else None
+
+
+#: ``torch.nn.init`` functions that module constructors call to fill their parameters.
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+                   "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
+                   "sparse_")
+
+
+@contextlib.contextmanager
+def skeleton_construction() -> Iterator[None]:
+    """Build modules on the meta device without running their initialisers (the checkpoint fills every tensor).
+
+    Initialisers on meta tensors would route through torch's reference implementations, which import
+    ``torch._dynamo`` (seconds of start-up); skipping them also skips work whose result is thrown away.
+    """
+    from torch.nn import init
+
+    saved = {name: getattr(init, name) for name in _INIT_FUNCTIONS if hasattr(init, name)}
+    try:
+        for name in saved:
+            setattr(init, name, _keep)
+        with torch.device("meta"):
+            yield
+    finally:
+        for name, function in saved.items():
+            setattr(init, name, function)
+
+
+def _keep(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return tensor
 
 
 def load_model(source: str | os.PathLike[str] | None = None, revision: str | None = None,
@@ -126,12 +184,19 @@ def load_model(source: str | os.PathLike[str] | None = None, revision: str | Non
     config = read_config(folder)
     tensors = read_state_dict(folder)
     config.text_config = resolve_text_config(config, tensors)
-    with torch.device("meta"):
-        skeleton = Text3DSAM(config)
-    check_state_dict(skeleton, tensors, folder)
-    model = Text3DSAM(config)
-    model.load_state_dict(tensors, strict=True)
-    model.tokenizer = load_tokenizer(folder, config.text_model)
+    try:
+        with skeleton_construction():  # no random initialisation: every tensor comes from the checkpoint
+            model = Text3DSAM(config)
+    except (ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"invalid text-encoder config ({exc})", folder / "config.json") from exc
+    check_state_dict(model, tensors, folder)
+    model.load_state_dict(tensors, strict=True, assign=True)
+    # The tokenizer is loaded on first use: a run whose prompts are all in the embedding store never needs it.
+    has_files = any((folder / name).is_file() for name in TOKENIZER_FILES)
+    model.set_tokenizer_loader(lambda: load_tokenizer(folder, config.text_model),
+                               tokenizer_digest(folder) if has_files else f"hub:{config.text_model}")
+    if not has_files:
+        model.tokenizer  # noqa: B018 - resolve the cache now, so a missing tokenizer fails at load time
     model.source = location.describe()
     return model.to(device).eval()
 
@@ -158,8 +223,11 @@ def save_model(model: Text3DSAM, folder: str | os.PathLike[str]) -> Path:
 
 
 def save_tokenizer(tokenizer: Any, folder: Path) -> None:
-    """Tokenizer files, including a plain ``vocab.txt`` that the authors' ``BertTokenizer`` reads too."""
-    tokenizer.save_pretrained(str(folder))
+    """Tokenizer files: a plain ``vocab.txt`` (that the authors' ``BertTokenizer`` reads too) and its configs."""
+    if isinstance(tokenizer, WordPieceTokenizer):
+        tokenizer.save_pretrained(folder)
+        return
+    tokenizer.save_pretrained(str(folder))  # another tokenizer object (e.g. transformers'): keep its files
     vocab = tokenizer.get_vocab()
     tokens = sorted(vocab, key=vocab.__getitem__)
     (folder / "vocab.txt").write_text("".join(t + "\n" for t in tokens), encoding="utf-8")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -17,7 +18,8 @@ class Text3DSAM(nn.Module):
     """Text-prompted 3-D segmentation model (the published ``Med3DSeg``).
 
     Attribute names (``image_encoder``, ``text_encoder``, ``text_projector``, ``seg_decoder``) are the
-    checkpoint's key prefixes. ``tokenizer`` is attached by :func:`text3dsam_cli.model.load_model`.
+    checkpoint's key prefixes. ``tokenizer`` is attached by :func:`text3dsam_cli.model.load_model` (loaded on
+    first use, so that a run whose prompt embeddings are all stored never imports a tokenizer).
     """
 
     def __init__(self, config: Text3DSAMConfig) -> None:
@@ -30,8 +32,40 @@ class Text3DSAM(nn.Module):
         self.text_projector = build_text_projector(config.text_config["hidden_size"], config.embed_dim)
         self.seg_decoder = SegDecoder(config.embed_dim, config.feat_size, config.pass_num,
                                       config.transformer_depth, config.mlp_dim, config.num_heads)
-        self.tokenizer: Any = None
+        self._tokenizer: Any = None
+        self._tokenizer_loader: Callable[[], Any] | None = None
+        self._tokenizer_digest: str | None = None
         self.source: dict[str, Any] = {}
+
+    @property
+    def tokenizer(self) -> Any:
+        """The WordPiece tokenizer (loaded on first access when attached lazily), or None."""
+        if self._tokenizer is None and self._tokenizer_loader is not None:
+            self._tokenizer = self._tokenizer_loader()
+            self._tokenizer_loader = None
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, value: Any) -> None:
+        self._tokenizer, self._tokenizer_loader, self._tokenizer_digest = value, None, None
+
+    def set_tokenizer_loader(self, loader: Callable[[], Any], digest: str | None = None) -> None:
+        """Attach a tokenizer that is built on first use; ``digest`` identifies its files without loading it."""
+        self._tokenizer, self._tokenizer_loader, self._tokenizer_digest = None, loader, digest
+
+    def tokenizer_digest(self) -> str:
+        """A stable identifier of the tokenizer (file hash when known, else a hash of its vocabulary)."""
+        if self._tokenizer_digest is None:
+            import hashlib
+
+            tok = self.tokenizer
+            if tok is None:
+                return "none"
+            vocab = tok.get_vocab()
+            text = "\n".join(sorted(vocab, key=vocab.__getitem__))
+            lower = getattr(tok, "lowercase", getattr(tok, "do_lower_case", None))
+            self._tokenizer_digest = hashlib.sha256(f"{lower}\n{text}".encode()).hexdigest()
+        return self._tokenizer_digest
 
     @property
     def device(self) -> torch.device:
@@ -47,7 +81,7 @@ class Text3DSAM(nn.Module):
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Token ids (K,L) -> (K, embed_dim) prompt embeddings ([CLS] state through the projector)."""
-        hidden = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = self.text_encoder(input_ids, attention_mask)
         return self.text_projector(hidden[:, 0])
 
     def tokenize(self, prompts: list[str], max_length: int = 512) -> dict[str, torch.Tensor]:

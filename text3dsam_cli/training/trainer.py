@@ -15,7 +15,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -335,6 +334,18 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def cosine_schedule_with_warmup(optimizer: torch.optim.Optimizer, warmup: int,
+                                total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up to the base rate over ``warmup`` steps, then half a cosine down to 0 at ``total``."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 class Trainer:
     """Runs the paper's recipe on a :class:`TrainingSet` with a given model; see :func:`run_training`."""
 
@@ -454,8 +465,6 @@ class Trainer:
     # main ---------------------------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
         """Resume or start, train ``total`` optimizer steps, validate, and save the final model."""
-        from transformers import get_cosine_schedule_with_warmup
-
         args, acc = self.args, self.accelerator
         start, checkpoint = self._resume_point()
         if checkpoint is not None:
@@ -483,7 +492,7 @@ class Trainer:
             raise UsageError("nothing to train: every parameter is frozen")
         optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(0.9, 0.999), eps=1e-8)
         warmup = math.ceil(args.warmup_ratio * self.total)
-        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, self.total)
+        scheduler = cosine_schedule_with_warmup(optimizer, warmup, self.total)
         if acc.state.deepspeed_plugin is not None:  # DeepSpeed needs the micro-batch size without a dataloader
             acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = args.batch_size
         model, optimizer = acc.prepare(model, optimizer)
@@ -635,29 +644,22 @@ KNOWN_TEXT_GEOMETRY: dict[str, dict[str, int]] = {
 
 def load_tokenizer_for_training(text_model: str, tokenizer: str | os.PathLike[str] | None = None) -> Any:
     """``--tokenizer`` (a folder with vocab.txt / tokenizer.json, or a vocab.txt file), else the text model's."""
-    from transformers import BertTokenizerFast
-
-    from text3dsam_cli.model.hub import hub_cache_dir, hub_offline
+    from text3dsam_cli.model.loading import cached_tokenizer_folder
+    from text3dsam_cli.model.tokenizer import WordPieceTokenizer
 
     if tokenizer:
         path = Path(tokenizer).expanduser()
         if not path.exists():
             raise UsageError(f"--tokenizer {path}: no such file or folder")
         try:
-            if path.is_dir():
-                loaded = BertTokenizerFast.from_pretrained(str(path))
-            else:  # a bare vocab.txt: give it the folder layout every transformers version reads
-                with tempfile.TemporaryDirectory() as folder:
-                    shutil.copyfile(path, Path(folder) / "vocab.txt")
-                    loaded = BertTokenizerFast.from_pretrained(folder)
+            loaded = WordPieceTokenizer.from_folder(path) if path.is_dir() else WordPieceTokenizer.from_vocab(path)
         except Exception as exc:
             raise UsageError(f"--tokenizer {path}: cannot load a BERT tokenizer ({exc})") from exc
         if len(loaded) < 100:
             raise UsageError(f"--tokenizer {path}: only {len(loaded)} tokens; expected a BERT vocab.txt")
         return loaded
     try:
-        return BertTokenizerFast.from_pretrained(text_model, cache_dir=str(hub_cache_dir()),
-                                                 local_files_only=hub_offline() or Path(text_model).is_dir())
+        return WordPieceTokenizer.from_folder(cached_tokenizer_folder(text_model))
     except Exception as exc:
         raise UsageError(f"no tokenizer for {text_model} (not in the Hugging Face cache and not downloadable); "
                          "pass --tokenizer PATH (a folder holding vocab.txt)") from exc
@@ -665,8 +667,6 @@ def load_tokenizer_for_training(text_model: str, tokenizer: str | os.PathLike[st
 
 def text_config_for_training(text_model: str, vocab_size: int) -> tuple[dict[str, Any], str]:
     """BERT config for ``text_model``: a local folder's config.json, the HF cache, the known table, the hub."""
-    from transformers import BertConfig
-
     from text3dsam_cli.model.hub import hub_cache_dir, hub_offline
     from text3dsam_cli.model.text_encoder import BERT_KEYS, text_config_from_hub
 
@@ -675,7 +675,9 @@ def text_config_for_training(text_model: str, vocab_size: int) -> tuple[dict[str
     local = Path(text_model).expanduser()
     if (local / "config.json").is_file():
         try:
-            full = BertConfig.from_json_file(str(local / "config.json")).to_dict()
+            full = json.loads((local / "config.json").read_text(encoding="utf-8"))
+            if not isinstance(full, dict):
+                raise ValueError("not a JSON object")
         except Exception as exc:
             raise UsageError(f"--text-model {local}: unreadable config.json ({exc})") from exc
         config, where = {k: full[k] for k in BERT_KEYS if k in full}, f"{local}/config.json"
@@ -696,20 +698,53 @@ def text_config_for_training(text_model: str, vocab_size: int) -> tuple[dict[str
     return config, where
 
 
-def _load_pretrained_text(model: Text3DSAM, text_model: str) -> bool:
-    """Copy pretrained BERT weights (local folder or HF cache) into ``model.text_encoder``; False if none fit."""
-    from transformers import BertModel
+def pretrained_text_state(text_model: str) -> dict[str, torch.Tensor] | None:
+    """BERT tensors of ``text_model`` (a local folder or the HF cache) under ``BertModel``'s key names, or None.
 
+    Read with safetensors (or ``torch.load(weights_only=True)``) directly; checkpoints of BERT heads
+    (``bert.``-prefixed keys) and old ``gamma``/``beta`` LayerNorm names are mapped.
+    """
     from text3dsam_cli.model.hub import hub_cache_dir, hub_offline
 
+    local = Path(text_model).expanduser()
+    files: list[Path] = []
+    if local.is_dir():
+        files = [local / name for name in ("model.safetensors", "pytorch_model.bin") if (local / name).is_file()]
+    else:
+        from huggingface_hub import hf_hub_download
+
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            try:
+                files.append(Path(hf_hub_download(text_model, name, cache_dir=str(hub_cache_dir()),
+                                                  local_files_only=hub_offline())))
+                break
+            except Exception:
+                continue
+    if not files:
+        return None
     try:
-        local = Path(text_model).expanduser().is_dir()
-        pretrained = BertModel.from_pretrained(text_model, cache_dir=str(hub_cache_dir()),
-                                               local_files_only=hub_offline() or local)
+        if files[0].suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            raw = load_file(str(files[0]))
+        else:
+            raw = torch.load(files[0], map_location="cpu", weights_only=True)
     except Exception:
+        return None
+    state = {}
+    for key, tensor in raw.items():
+        key = key.removeprefix("bert.").replace("LayerNorm.gamma", "LayerNorm.weight")
+        state[key.replace("LayerNorm.beta", "LayerNorm.bias")] = tensor
+    return state
+
+
+def _load_pretrained_text(model: Text3DSAM, text_model: str) -> bool:
+    """Copy pretrained BERT weights (local folder or HF cache) into ``model.text_encoder``; False if none fit."""
+    pretrained = pretrained_text_state(text_model)
+    if pretrained is None:
         return False
     own = model.text_encoder.state_dict()
-    state = {k: v for k, v in pretrained.state_dict().items() if k in own and own[k].shape == v.shape}
+    state = {k: v for k, v in pretrained.items() if k in own and own[k].shape == v.shape}
     if len(state) < len(own) - 2:  # allow the pooler to differ, nothing else
         return False
     model.text_encoder.load_state_dict(state, strict=False)

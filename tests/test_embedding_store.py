@@ -1,0 +1,194 @@
+"""The on-disk prompt-embedding store: location, fingerprint, reuse, corruption, concurrency, cold imports."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import CHALLENGE
+
+from text3dsam_cli.embedding_store import EmbeddingStore, cache_root, fill_embedding_store, text_fingerprint
+from text3dsam_cli.inference import Segmenter
+
+US = CHALLENGE / "US_Cardiac_patient0027_2CH_half_sequence.npz"
+
+
+def test_cache_root_precedence(monkeypatch, tmp_path):
+    monkeypatch.setenv("TEXT3DSAM_CACHE", str(tmp_path / "a"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert cache_root() == tmp_path / "a"
+    monkeypatch.delenv("TEXT3DSAM_CACHE")
+    assert cache_root() == tmp_path / "x" / "text3dsam"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_root() == tmp_path / "home" / ".cache" / "text3dsam"
+
+
+def test_fingerprint_follows_text_tensors_only(small_checkpoint):
+    from text3dsam_cli.model import load_model
+
+    model = load_model(small_checkpoint)
+    base = text_fingerprint(model)
+    assert text_fingerprint(load_model(small_checkpoint)) == base  # stable across loads
+    with torch.no_grad():
+        next(model.image_encoder.parameters()).add_(1.0)
+        next(model.seg_decoder.parameters()).add_(1.0)
+    assert text_fingerprint(model) == base
+    with torch.no_grad():
+        model.text_projector[3].bias[0] += 1e-6  # a finetune touching one number
+    assert text_fingerprint(model) != base
+    other = load_model(small_checkpoint)
+    with torch.no_grad():
+        other.text_encoder.encoder.layer[3].output.dense.weight[0, 0] += 1e-6
+    assert text_fingerprint(other) not in (base, text_fingerprint(model))
+
+
+def test_segmenter_reuses_stored_vectors(small_model):
+    first = Segmenter(small_model, device="cpu")
+    vectors = first.embed_prompts(["liver", "spleen", "liver"])
+    store = first.embedding_store()
+    assert store is not None and store.path.is_file() and len(store) == 2
+    assert torch.equal(vectors[0], vectors[2])
+    second = Segmenter(small_model, device="cpu")
+    calls = []
+    original = small_model.encode_prompts
+    small_model.encode_prompts = lambda prompts: calls.append(prompts) or original(prompts)
+    try:
+        again = second.embed_prompts(["spleen", "liver", "pancreas"])
+    finally:
+        del small_model.encode_prompts
+    assert calls == [["pancreas"]]  # only the new prompt is encoded
+    torch.testing.assert_close(again[1], vectors[0], atol=0, rtol=0)
+    torch.testing.assert_close(again[0], vectors[1], atol=0, rtol=0)
+    assert len(EmbeddingStore.for_model(small_model)) == 3
+
+
+def test_stored_vector_equals_fresh_encoding(small_model):
+    Segmenter(small_model, device="cpu").embed_prompts(["left kidney"])
+    stored = Segmenter(small_model, device="cpu").embed_prompts(["left kidney"])
+    fresh = Segmenter(small_model, device="cpu", embedding_cache=False).embed_prompts(["left kidney"])
+    assert torch.abs(stored - fresh).max().item() < 1e-6
+
+
+def test_no_embedding_cache_writes_nothing(small_model):
+    segmenter = Segmenter(small_model, device="cpu", embedding_cache=False)
+    segmenter.embed_prompts(["liver"])
+    assert segmenter.embedding_store() is None
+    assert not (cache_root() / "embeddings").exists()
+
+
+def test_corrupt_store_is_rebuilt_with_one_warning(small_model, caplog):
+    Segmenter(small_model, device="cpu").embed_prompts(["liver"])
+    store = EmbeddingStore.for_model(small_model)
+    store.path.write_bytes(b"PK\x03\x04 this is not a zip file")
+    caplog.set_level(logging.WARNING)
+    segmenter = Segmenter(small_model, device="cpu")
+    segmenter.embed_prompts(["liver", "spleen"])
+    segmenter.embed_prompts(["kidney"])
+    warnings = [r for r in caplog.records if "unreadable" in r.getMessage()]
+    assert len(warnings) == 1
+    assert len(EmbeddingStore.for_model(small_model)) == 3  # rebuilt and readable again
+
+
+def test_store_with_wrong_contents_is_rebuilt(tmp_path, caplog):
+    store = EmbeddingStore("f" * 32, tmp_path)
+    store.put({"a": np.ones(4, np.float32)})
+    np.savez(store.path, prompts=np.asarray(["a", "b"]), vectors=np.ones((1, 4), np.float32),
+             fingerprint=np.asarray("f" * 32))
+    caplog.set_level(logging.WARNING)
+    assert EmbeddingStore("f" * 32, tmp_path).get(["a"]) == {}
+    assert any("unreadable" in r.getMessage() for r in caplog.records)
+
+
+def test_unwritable_store_warns_and_continues(tmp_path, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    store = EmbeddingStore("e" * 32, blocker / "embeddings")  # its folder cannot be created
+    caplog.set_level(logging.WARNING)
+    store.put({"a": np.ones(3, np.float32)})
+    store.put({"b": np.ones(3, np.float32)})
+    assert sorted(store.get(["a", "b"])) == ["a", "b"]  # kept in memory
+    assert len([r for r in caplog.records if "cannot write" in r.getMessage()]) == 1
+
+
+def _put_many(args: tuple[str, int]) -> int:
+    folder, worker = args
+    store = EmbeddingStore("c" * 32, folder)
+    for i in range(15):
+        store.put({f"w{worker}-p{i}": np.full(8, worker * 100 + i, np.float32)})
+    return worker
+
+
+def test_concurrent_writers_lose_nothing(tmp_path):
+    with ProcessPoolExecutor(max_workers=4) as pool:
+        list(pool.map(_put_many, [(str(tmp_path), w) for w in range(4)]))
+    store = EmbeddingStore("c" * 32, tmp_path)
+    assert len(store) == 60
+    assert store.get(["w3-p14"])["w3-p14"][0] == 314
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_fill_embedding_store(small_model):
+    added = fill_embedding_store(small_model, ["liver", "spleen", "liver", "  "], batch_size=1)
+    assert added == 2
+    assert fill_embedding_store(small_model, ["liver", "kidney"]) == 1
+    store = EmbeddingStore.for_model(small_model)
+    fresh = Segmenter(small_model, device="cpu", embedding_cache=False).embed_prompts(["spleen"])[0].numpy()
+    assert np.abs(store.get(["spleen"])["spleen"] - fresh).max() < 1e-5
+
+
+def test_download_fills_store_from_vocabulary(small_checkpoint, tmp_path):
+    from typer.testing import CliRunner
+
+    from text3dsam_cli.cli import app
+
+    vocab = tmp_path / "prompts.json"
+    vocab.write_text(json.dumps({"CT_X": {"1": ["Liver", "Liver in CT"], "2": ["Spleen"], "instance_label": 0}}))
+    result = CliRunner().invoke(app, ["download", str(small_checkpoint), "--vocabulary", str(vocab)])
+    assert result.exit_code == 0, result.output
+    from text3dsam_cli.model import load_model
+
+    store = EmbeddingStore.for_model(load_model(small_checkpoint))
+    assert sorted(store.get(["Liver", "Liver in CT", "Spleen", "0"])) == ["Liver", "Liver in CT", "Spleen"]
+
+
+WARM_RUN = """
+import sys
+from text3dsam_cli.cli import main
+sys.argv = ["text3dsam", *sys.argv[1:]]
+try:
+    main()
+except SystemExit as exc:
+    code = exc.code or 0
+else:
+    code = 0
+loaded = sorted(m for m in ("transformers", "tokenizers") if m in sys.modules)
+print("LOADED=" + ",".join(loaded), file=sys.stderr)
+sys.exit(code)
+"""
+
+
+@pytest.mark.slow
+def test_warm_run_never_imports_the_text_stack(small_checkpoint, tmp_path):
+    env = {**os.environ, "TEXT3DSAM_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    args = [sys.executable, "-c", WARM_RUN, "segment", str(US), "left ventricle", "myocardium", "-m",
+            str(small_checkpoint), "--device", "cpu", "-q"]
+
+    def run(out: Path) -> str:
+        result = subprocess.run([*args, "-o", str(out)], capture_output=True, text=True, env=env, timeout=300)
+        assert result.returncode == 0, result.stderr
+        return [line for line in result.stderr.splitlines() if line.startswith("LOADED=")][-1]
+
+    assert run(tmp_path / "cold.npz") == "LOADED=tokenizers"  # cold: the tokenizer, never transformers
+    assert run(tmp_path / "warm.npz") == "LOADED="  # warm: no text stack at all
+    cold = np.load(tmp_path / "cold.npz")["segs"]
+    warm = np.load(tmp_path / "warm.npz")["segs"]
+    assert np.array_equal(cold, warm)

@@ -1,0 +1,92 @@
+"""Float .nii.gz files are decompressed once: same voxels and geometry as ITK, NaN and truncation still refused."""
+
+from __future__ import annotations
+
+import gzip
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from text3dsam_cli.errors import InputError
+from text3dsam_cli.io import read_volume, readers
+
+
+def _affine(kind: str) -> np.ndarray:
+    a = np.diag([0.8, 0.7, 2.5, 1.0])
+    if kind == "flipped":
+        a[0, 0], a[2, 2] = -0.8, -2.5
+    elif kind == "oblique":
+        c, s = np.cos(0.3), np.sin(0.3)
+        a[:3, :3] = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]) @ np.diag([0.8, 0.7, 2.5])
+    a[:3, 3] = [-10.0, 20.0, 5.5]
+    return a
+
+
+def _write(path, array, affine, dtype=np.float32, form="both", scale=None):
+    image = nib.Nifti1Image(array.astype(dtype), affine)
+    if form == "sform":
+        image.set_qform(None, code=0)
+    elif form == "qform":
+        image.set_sform(None, code=0)
+    if scale is not None:
+        image.header.set_slope_inter(*scale)
+    nib.save(image, str(path))
+    return path
+
+
+def _itk(path):
+    image = sitk.ReadImage(str(path))
+    return sitk.GetArrayFromImage(image), image.GetSpacing(), image.GetOrigin(), image.GetDirection()
+
+
+@pytest.mark.parametrize("kind", ["plain", "flipped", "oblique"])
+@pytest.mark.parametrize("form", ["both", "sform", "qform"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.dtype(">f4")])
+def test_same_voxels_and_geometry_as_itk(tmp_path, kind, form, dtype, monkeypatch):
+    rng = np.random.default_rng(0)
+    array = rng.normal(0, 100, (7, 9, 5))  # nibabel order (x, y, z)
+    path = _write(tmp_path / "x.nii.gz", array, _affine(kind), dtype, form)
+    monkeypatch.setattr(readers, "_check_nifti_finite", lambda p: pytest.fail("decompressed a second time"))
+    volume = read_volume(path)
+    expected, spacing, origin, direction = _itk(path)
+    assert volume.array.dtype == expected.dtype and volume.array.shape == expected.shape
+    np.testing.assert_array_equal(volume.array, expected)
+    np.testing.assert_allclose(volume.spacing, spacing, atol=1e-6)
+    np.testing.assert_allclose(volume.origin, origin, atol=1e-5)
+    np.testing.assert_allclose(volume.direction, direction, atol=1e-6)
+
+
+def test_nan_refused(tmp_path):
+    array = np.ones((4, 5, 6), np.float32)
+    array[1, 2, 3] = np.nan
+    with pytest.raises(InputError, match=r"NaN|finite"):
+        read_volume(_write(tmp_path / "nan.nii.gz", array, _affine("plain")))
+
+
+def test_truncated_refused(tmp_path):
+    path = _write(tmp_path / "t.nii.gz", np.ones((30, 30, 30)), _affine("plain"))
+    raw = gzip.decompress(path.read_bytes())
+    (tmp_path / "cut.nii.gz").write_bytes(gzip.compress(raw[: len(raw) - 5000]))
+    with pytest.raises(InputError, match="truncated"):
+        read_volume(tmp_path / "cut.nii.gz")
+    (tmp_path / "cut2.nii.gz").write_bytes(path.read_bytes()[:-2000])
+    with pytest.raises(InputError, match=r"truncated|corrupt"):
+        read_volume(tmp_path / "cut2.nii.gz")
+
+
+def test_multi_member_gzip(tmp_path):
+    path = _write(tmp_path / "m.nii", np.arange(60, dtype=np.float32).reshape(3, 4, 5), _affine("plain"))
+    raw = path.read_bytes()
+    half = len(raw) // 2
+    (tmp_path / "m.nii.gz").write_bytes(gzip.compress(raw[:half]) + gzip.compress(raw[half:]))
+    path.unlink()
+    volume = read_volume(tmp_path / "m.nii.gz")
+    np.testing.assert_array_equal(volume.array, _itk(tmp_path / "m.nii.gz")[0])
+
+
+def test_scaled_float_uses_itk_path(tmp_path):
+    path = _write(tmp_path / "s.nii.gz", np.ones((4, 5, 6)), _affine("plain"), scale=(2.0, 1.0))
+    assert readers._read_float_nifti_gz_once(path) is None
+    np.testing.assert_array_equal(read_volume(path).array, _itk(path)[0])
