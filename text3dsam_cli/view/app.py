@@ -176,9 +176,7 @@ def create_app(session: ViewSession, allowed_hosts: list[str] | None = None) -> 
 
 
 def _stem(session: ViewSession) -> str:
-    from text3dsam_cli.io import strip_image_suffix
-
-    stem = strip_image_suffix(session.item.path.name) or "scan"
+    stem = session.item.stem or "scan"
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in stem)
 
 

@@ -19,7 +19,7 @@ from scipy import ndimage
 
 from text3dsam_cli.errors import UsageError
 from text3dsam_cli.inference import EncodedImage, SegmentationResult, Segmenter
-from text3dsam_cli.io import InputItem, Volume, expand_inputs, read_volume, write_volume
+from text3dsam_cli.io import InputItem, Volume, expand_inputs, read_volume, strip_image_suffix, write_volume
 from text3dsam_cli.pipeline import PreparedScan, build_sidecar, label_statistics, prepare_scan
 from text3dsam_cli.preprocess import DEFAULT_WINDOW
 
@@ -57,7 +57,10 @@ class ViewSession:
                  modality: str | None = None, window: str = DEFAULT_WINDOW) -> None:
         self.segmenter = segmenter
         self.volume = volume
-        self.item = item or InputItem(Path(volume.path or "array"), volume.source_format)
+        if item is None:
+            path = Path(volume.path or "scan")
+            item = InputItem(path, volume.source_format, strip_image_suffix(path.name))
+        self.item = item
         self.scan: PreparedScan = prepare_scan(volume, modality, window)
         self.encoded: EncodedImage | None = None
         self.result: SegmentationResult | None = None

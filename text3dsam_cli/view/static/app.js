@@ -14,6 +14,7 @@ const state = { prompts: [], rows: new Map(), overlay: null, busy: false, again:
 const nv = new Niivue({
   backColor: [0, 0, 0, 1],
   show3Dcrosshair: true,
+  crosshairColor: [0.3, 0.75, 1, 0.8],
   multiplanarShowRender: SHOW_RENDER.ALWAYS,
   isColorbar: false,
   logLevel: "warn",
