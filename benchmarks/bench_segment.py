@@ -54,7 +54,7 @@ def worker(kind: str, checkpoint: str, case: str, repeat: int, out: str) -> None
     from text3dsam_cli.inference import Segmenter, whole_volume_reference
     from text3dsam_cli.io import read_challenge_npz
     from text3dsam_cli.model import load_model
-    from text3dsam_cli.pipeline import prompts_for
+    from text3dsam_cli.prompts import prompts_for
 
     model = load_model(checkpoint)
     volume = read_challenge_npz(CHALLENGE / f"{case}.npz")

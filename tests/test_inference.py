@@ -10,7 +10,7 @@ from conftest import CHALLENGE, REFERENCE
 
 from text3dsam_cli.inference import Segmenter, gaussian_weights, upsample_argmax, whole_volume_reference, window_starts
 from text3dsam_cli.io import read_challenge_npz
-from text3dsam_cli.pipeline import prompts_for
+from text3dsam_cli.prompts import prompts_for
 
 
 def _reference_argmax(logits: torch.Tensor, shape, values):

@@ -43,6 +43,7 @@ from text3dsam_cli.io.atomic import atomic_path
 from text3dsam_cli.io.npz import npz_keys, read_npz_array, read_text_prompts
 from text3dsam_cli.io.readers import read_volume
 from text3dsam_cli.metrics import instance_f1_dsc_tp, nan_mean, semantic_case_metrics
+from text3dsam_cli.prompts import parse_label_map, read_labels_json
 
 __all__ = [
     "CSV_COLUMNS",
@@ -142,36 +143,13 @@ def _read_label_image(path: Path) -> tuple[np.ndarray, tuple[float, float, float
 
 def _read_labels_json(path: str | os.PathLike[str] | None) -> tuple[list[int] | None, bool | None]:
     """Class ids and instance flag from ``{"1": "liver", ..., "instance_label": 0}`` (None when no file)."""
-    if path is None:
-        return None, None
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError("labels file does not exist", path) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"cannot read the labels JSON ({exc})", path) from None
-    if not isinstance(data, dict):
-        raise InputError('labels JSON must be an object like {"1": "liver", "2": "spleen"}', path)
-    return _class_ids_from_mapping(data, path)
+    label_map = read_labels_json(path)
+    return (None, None) if label_map is None else (sorted(label_map.values), label_map.instance)
 
 
 def _class_ids_from_mapping(data: dict[str, Any], path: Path) -> tuple[list[int], bool | None]:
-    instance = data.get("instance_label")
-    ids = []
-    for key in data:
-        if key == "instance_label":
-            continue
-        try:
-            ids.append(int(key))
-        except (TypeError, ValueError):
-            raise InputError(f"class key {key!r} is not an integer label id", path) from None
-    if instance is None:
-        return sorted(ids), None
-    try:
-        return sorted(ids), bool(int(instance))
-    except (TypeError, ValueError):
-        raise InputError(f"'instance_label' should be 0 or 1, got {instance!r}", path) from None
+    label_map = parse_label_map(data, path, "text_prompts: ")
+    return sorted(label_map.values), label_map.instance
 
 
 def _stored_spacing(path: Path, keys: list[str]) -> tuple[float, ...] | None:

@@ -22,6 +22,7 @@ from text3dsam_cli.errors import InputError, Text3DSAMError, UsageError
 from text3dsam_cli.inference import SegmentationResult, Segmenter
 from text3dsam_cli.io import InputItem, Volume, atomic_path, read_volume, write_volume
 from text3dsam_cli.preprocess import DEFAULT_WINDOW, ModalityDecision, normalize_as, resolve_modality
+from text3dsam_cli.prompts import prompts_for
 
 log = logging.getLogger(__name__)
 
@@ -126,77 +127,21 @@ def output_stem(path: Path) -> str:
     return str(path)
 
 
-def prompts_for(volume: Volume, prompts: Sequence[str],
-                label_values: Sequence[int] | None = None) -> tuple[list[str], list[int], bool]:
-    """Prompts, label values and the instance flag: given prompts (values 1..K unless given) or the npz's own."""
-    if prompts:
-        values = list(label_values) if label_values is not None else list(range(1, len(prompts) + 1))
-        return list(prompts), values, False
-    stored = volume.meta.get("text_prompts")
-    if not stored:
-        raise InputError("no prompts: give PROMPT arguments (this input carries no text_prompts)", volume.path)
-    stored = dict(stored)
-    instance = bool(int(stored.pop("instance_label", 0) or 0))
-    texts, values = [], []
-    for key, text in stored.items():
-        try:
-            values.append(int(key))
-        except ValueError:
-            raise InputError(f"text_prompts key {key!r} is not a label number", volume.path) from None
-        if isinstance(text, (list, tuple)):  # several phrasings: use the first, as the challenge does
-            text = text[0] if text else ""
-        if not isinstance(text, str) or not text.strip():
-            raise InputError(f"text_prompts[{key!r}] is not a non-empty string", volume.path)
-        texts.append(text)
-    if not texts:
-        raise InputError("text_prompts holds no prompts", volume.path)
-    return texts, values, instance
-
-
-def read_prompt_file(path: str | Path) -> tuple[list[str], list[int]]:
-    """Prompts and label values from a file: JSON ``{"1": "liver", "5": "spleen"}`` (a list of phrasings takes
-    its first), or plain text with one prompt per line (values 1..K; blank lines and ``#`` comments skipped)."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read the prompt file ({exc})", path) from None
-    if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except ValueError as exc:
-            raise InputError(f"invalid JSON ({exc})", path) from None
-        if not isinstance(data, dict) or not data:
-            raise InputError('expected a JSON object {"1": "prompt", ...}', path)
-        prompts, values = [], []
-        for key, value in data.items():
-            if key == "instance_label":
-                continue
-            if isinstance(value, list):
-                value = value[0] if value else ""
-            try:
-                number = int(key)
-            except ValueError:
-                raise InputError(f"key {key!r} is not a label number", path) from None
-            if not isinstance(value, str) or not value.strip() or not 0 < number < 65536:
-                raise InputError(f"entry {key!r} needs a label value 1..65535 and a non-empty prompt", path)
-            prompts.append(value.strip())
-            values.append(number)
-        if len(set(values)) != len(values):
-            raise InputError("label values repeat", path)
-        return prompts, values
-    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    if not prompts:
-        raise InputError("no prompts in the file", path)
-    return prompts, list(range(1, len(prompts) + 1))
-
-
 def label_statistics(labels: np.ndarray, values: Sequence[int], prompts: Sequence[str],
                      voxel_ml: float) -> list[dict[str, Any]]:
     """Per prompt: label value, voxel count and volume in ml."""
     counts = np.bincount(labels.ravel(), minlength=max(values, default=0) + 1)
     return [{"label": int(v), "prompt": p, "voxels": int(counts[v]), "volume_ml": round(float(counts[v]) * voxel_ml, 4)}
             for v, p in zip(values, prompts)]
+
+
+def prompt_values(prompts: Sequence[str], values: Sequence[int]) -> dict[str, int | list[int]]:
+    """The sidecar's ``prompts`` map: prompt -> label value, or -> the list of its values when a prompt is given
+    more than once (so no label is lost; the ``labels`` list stays the full, ordered account)."""
+    grouped: dict[str, list[int]] = {}
+    for prompt, value in zip(prompts, values):
+        grouped.setdefault(prompt, []).append(int(value))
+    return {p: v[0] if len(v) == 1 else v for p, v in grouped.items()}
 
 
 def build_sidecar(item: InputItem, volume: Volume, result: SegmentationResult, model_source: dict[str, Any],
@@ -210,7 +155,7 @@ def build_sidecar(item: InputItem, volume: Volume, result: SegmentationResult, m
         "mode": result.mode,
         "device": result.device,
         "modality": modality,
-        "prompts": {p: v for p, v in zip(result.prompts, result.label_values)},
+        "prompts": prompt_values(result.prompts, result.label_values),
         "labels": label_statistics(result.labels, result.label_values, result.prompts, volume.voxel_volume_ml),
         "geometry": volume.geometry(),
         "outputs": outputs,

@@ -68,7 +68,8 @@ def segment_command(
     from text3dsam_cli.inference import Segmenter
     from text3dsam_cli.io import expand_inputs, image_format, select_shard
     from text3dsam_cli.model import load_model
-    from text3dsam_cli.pipeline import SegmentOptions, SegmentRun, read_prompt_file
+    from text3dsam_cli.pipeline import SegmentOptions, SegmentRun
+    from text3dsam_cli.prompts import read_prompt_file
 
     prompts = list(prompts or [])
     if any(not p.strip() for p in prompts):

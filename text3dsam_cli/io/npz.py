@@ -323,9 +323,17 @@ def read_text_prompts(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     value = read_npz_object(path, "text_prompts")
     if value is None:
         return None
+    return _text_prompts_dict(value, path)
+
+
+def _text_prompts_dict(value: Any, path: Path) -> dict[str, Any]:
+    """``text_prompts`` with string keys; refused when it is no dict or two keys read the same (1 and '1')."""
     if not isinstance(value, dict):
         raise InputError(f"'text_prompts' is a {type(value).__name__}, expected a dict", path)
-    return {str(k): v for k, v in value.items()}
+    prompts = {str(k): v for k, v in value.items()}
+    if len(prompts) != len(value):
+        raise InputError("text_prompts: two keys read the same (e.g. 1 and '1'): a label value given twice", path)
+    return prompts
 
 
 def check_finite(array: np.ndarray, path: Path, what: str) -> None:
@@ -370,9 +378,7 @@ def read_challenge_npz(path: str | os.PathLike[str]) -> Volume:
         prompts_member = _member_name(zf, "text_prompts")
         if prompts_member is not None:
             prompts = _read_object_member(zf, prompts_member, path, "text_prompts")
-            if not isinstance(prompts, dict):
-                raise InputError(f"'text_prompts' is a {type(prompts).__name__}, expected a dict", path)
-            meta["text_prompts"] = {str(k): v for k, v in prompts.items()}
+            meta["text_prompts"] = _text_prompts_dict(prompts, path)
         boxes_member = _member_name(zf, "boxes")
         if boxes_member is not None:
             meta["boxes"] = _read_object_member(zf, boxes_member, path, "boxes")

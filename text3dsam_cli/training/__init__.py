@@ -4,6 +4,7 @@
 >>> result = finetune(TrainingArguments(data="cases/", output="run/", max_steps=200), model="MagicXin/Text3DSAM")
 """
 
+from text3dsam_cli.prompts import read_prompt_collection
 from text3dsam_cli.training.augment import AugmentConfig, augment
 from text3dsam_cli.training.data import (
     CaseSpec,
@@ -15,7 +16,6 @@ from text3dsam_cli.training.data import (
     load_case,
     load_validation,
     match_dataset,
-    read_prompt_file,
 )
 from text3dsam_cli.training.loss import build_loss, segmentation_loss
 from text3dsam_cli.training.trainer import (
@@ -57,7 +57,7 @@ __all__ = [
     "match_dataset",
     "new_model",
     "parse_freeze",
-    "read_prompt_file",
+    "read_prompt_collection",
     "run_training",
     "save_final_model",
     "segmentation_loss",

@@ -36,6 +36,7 @@ from text3dsam_cli.errors import InputError
 from text3dsam_cli.io.npz import npz_keys, read_npz_array, read_text_prompts
 from text3dsam_cli.io.readers import SUFFIX_FORMATS, read_volume
 from text3dsam_cli.preprocess import DEFAULT_WINDOW, normalize_intensity
+from text3dsam_cli.prompts import is_label_map, parse_label_map, parse_phrasings, read_prompt_collection
 
 log = logging.getLogger(__name__)
 
@@ -89,28 +90,6 @@ class DataSource:
 # -- prompt files ----------------------------------------------------------------------------------------------
 
 
-def _is_label_map(data: dict[str, Any]) -> bool:
-    """Whether a prompt JSON is one dataset's ``{"1": [...], "instance_label": 0}`` (not keyed by dataset)."""
-    keys = [k for k in data if k != "instance_label"]
-    return bool(keys) and all(re.fullmatch(r"\d+", str(k)) for k in keys)
-
-
-def read_prompt_file(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """A prompt JSON: ``{dataset: {"1": [phrasings], "instance_label": 0}}`` or one such label map."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError("no such prompt file", path) from None
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot read the prompt file ({exc})", path) from None
-    if not isinstance(data, dict) or not data:
-        raise InputError("the prompt file should hold a JSON object keyed by dataset name or label value", path)
-    if not _is_label_map(data) and not all(isinstance(v, dict) for v in data.values()):
-        raise InputError("the prompt file should map dataset names to {\"<label>\": [phrasings]} objects", path)
-    return data
-
-
 def match_dataset(case_path: Path, keys: Sequence[str]) -> str | None:
     """The prompt-file dataset a case belongs to, or None.
 
@@ -136,30 +115,13 @@ def match_dataset(case_path: Path, keys: Sequence[str]) -> str | None:
     return lower[best] if best is not None else None
 
 
-def _phrasings(value: Any, where: Path, key: str) -> tuple[str, ...]:
-    items = value if isinstance(value, (list, tuple)) else [value]
-    texts = tuple(str(t).strip() for t in items if isinstance(t, str) and t.strip())
-    if not texts:
-        raise InputError(f"label {key!r} has no prompt text", where)
-    return texts
-
-
 def classes_from_label_map(data: dict[str, Any], where: Path) -> tuple[list[ClassSpec], bool]:
-    """``{"1": "text" | [texts], ..., "instance_label": 0|1}`` -> classes and the instance flag."""
-    instance = bool(int(data.get("instance_label", 0) or 0))
-    classes = []
-    for key, value in data.items():
-        if key == "instance_label":
-            continue
-        try:
-            number = int(key)
-        except ValueError:
-            raise InputError(f"prompt key {key!r} is not a label number", where) from None
-        if number == 0:
-            continue
-        classes.append(ClassSpec(str(number), () if instance else (number,), _phrasings(value, where, key)))
-    if not classes:
-        raise InputError("no prompted classes", where)
+    """``{"1": "text" | [texts], ..., "instance_label": 0|1}`` -> classes and the instance flag (validated by
+    :func:`text3dsam_cli.prompts.parse_label_map`)."""
+    label_map = parse_label_map(data, where)
+    instance = bool(label_map.instance)
+    classes = [ClassSpec(str(value), () if instance else (value,), tuple(t.strip() for t in texts))
+               for value, texts in zip(label_map.values, label_map.phrasings)]
     return classes, instance
 
 
@@ -172,7 +134,7 @@ def _npz_cases(root: Path, prompt_file: dict[str, Any] | None, prompt_path: Path
     if not images:
         raise InputError("no training cases here (expected challenge .npz files, or an nnU-Net folder with "
                          "dataset.json, imagesTr/ and labelsTr/)", root)
-    flat = prompt_file is not None and _is_label_map(prompt_file)
+    flat = prompt_file is not None and is_label_map(prompt_file)
     keys = [] if prompt_file is None or flat else list(prompt_file)
     cases, notes = [], []
     for image in images:
@@ -217,6 +179,10 @@ def _humanize(name: str) -> str:
     return re.sub(r"[_\s]+", " ", name).strip()
 
 
+def _stripped(value: Any, key: str, where: Path) -> tuple[str, ...]:
+    return tuple(t.strip() for t in parse_phrasings(value, key, where))
+
+
 def classes_from_nnunet_labels(labels: Any, where: Path) -> list[ClassSpec]:
     """nnU-Net ``labels`` (names -> values or regions, or the inverted values -> phrasings) -> classes."""
     if not isinstance(labels, dict) or not labels:
@@ -226,7 +192,7 @@ def classes_from_nnunet_labels(labels: Any, where: Path) -> list[ClassSpec]:
         if re.fullmatch(r"\d+", str(key).strip()):  # inverted form {"1": "liver"} / {"1": [phrasings]}
             number = int(key)
             if number:
-                classes.append(ClassSpec(str(number), (number,), _phrasings(value, where, key)))
+                classes.append(ClassSpec(str(number), (number,), _stripped(value, key, where)))
             continue
         if isinstance(value, bool):
             raise InputError(f"label {key!r}: expected a label value, got {value!r}", where)
@@ -241,7 +207,7 @@ def classes_from_nnunet_labels(labels: Any, where: Path) -> list[ClassSpec]:
         elif isinstance(value, list) and value and all(isinstance(v, str) for v in value):
             # {"background": [...], "liver": ["liver", "liver in CT"]}: values follow the order, as in nnU-Net
             if position:
-                classes.append(ClassSpec(str(position), (position,), _phrasings(value, where, key)))
+                classes.append(ClassSpec(str(position), (position,), _stripped(value, key, where)))
         else:
             raise InputError(f"label {key!r}: expected a label value, a list of values (a region) or a list of "
                              f"prompt phrasings, got {value!r}", where)
@@ -253,12 +219,14 @@ def classes_from_nnunet_labels(labels: Any, where: Path) -> list[ClassSpec]:
     return classes
 
 
-def _override_phrasings(classes: list[ClassSpec], label_map: dict[str, Any], where: Path) -> list[ClassSpec]:
+def _override_phrasings(classes: list[ClassSpec], data: dict[str, Any], where: Path) -> list[ClassSpec]:
     """Replace the phrasings of single-value classes with those of a prompt label map."""
+    label_map = parse_label_map(data, where)
     out = []
     for spec in classes:
-        if len(spec.values) == 1 and str(spec.values[0]) in label_map:
-            spec = ClassSpec(spec.key, spec.values, _phrasings(label_map[str(spec.values[0])], where, spec.key))
+        texts = label_map.phrasings_of(spec.values[0]) if len(spec.values) == 1 else None
+        if texts is not None:
+            spec = ClassSpec(spec.key, spec.values, tuple(t.strip() for t in texts))
         out.append(spec)
     return out
 
@@ -283,7 +251,7 @@ def _nnunet_cases(root: Path, prompt_file: dict[str, Any] | None, prompt_path: P
         raise InputError("dataset.json is not a JSON object", meta_path)
     classes = classes_from_nnunet_labels(meta.get("labels"), meta_path)
     if prompt_file is not None and prompt_path is not None:
-        if _is_label_map(prompt_file):
+        if is_label_map(prompt_file):
             classes = _override_phrasings(classes, prompt_file, prompt_path)
         else:
             names = [str(meta.get("name") or ""), root.name]
@@ -324,7 +292,7 @@ def discover_cases(path: str | os.PathLike[str], prompts: str | os.PathLike[str]
     if not root.exists():
         raise InputError("no such file or folder", root)
     prompt_path = Path(prompts).expanduser() if prompts else None
-    prompt_file = read_prompt_file(prompt_path) if prompt_path else None
+    prompt_file = read_prompt_collection(prompt_path) if prompt_path else None
     if root.is_dir() and ((root / "dataset.json").is_file() or (root / "imagesTr").is_dir()):
         return _nnunet_cases(root, prompt_file, prompt_path)
     if root.is_file() and not root.name.lower().endswith(".npz"):

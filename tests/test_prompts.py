@@ -1,0 +1,133 @@
+"""The prompts module: one label-map parser and one validation rule for segment, train and eval."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import CHALLENGE, DATA
+from typer.testing import CliRunner
+
+from text3dsam_cli.cli import app
+from text3dsam_cli.errors import InputError
+from text3dsam_cli.evaluation import evaluate_folder
+from text3dsam_cli.io import read_challenge_npz
+from text3dsam_cli.prompts import (
+    parse_label_map,
+    prompts_for,
+    read_labels_json,
+    read_prompt_collection,
+    read_prompt_file,
+)
+from text3dsam_cli.training import discover_cases
+
+PROMPT_LIST = DATA / "prompts" / "CVPR25_TextSegFMData_with_class.json"
+MR_NPZ = CHALLENGE / "MR_BraTS-T1c_bratsgli_0017.npz"
+CT = DATA / "nifti" / "totalsegmentator" / "example_ct_sm.nii.gz"
+
+runner = CliRunner()
+
+BAD_MAPS = [
+    ({"-3": "liver"}, "outside 1..65535"),
+    ({"0": "liver"}, "background"),
+    ({"70000": "liver"}, "outside 1..65535"),
+    ({"1": "liver", "01": "spleen"}, "given twice"),
+    ({"1.5": "liver"}, "not an integer"),
+    ({"liver": 1}, "not an integer"),
+    ({"1": ""}, "non-empty prompt"),
+    ({"1": ["liver", "  "]}, "non-empty prompt"),
+    ({"1": 5}, "non-empty prompt"),
+    ({"1": "liver", "instance_label": "yes"}, "instance_label"),
+    ({"1": "liver", "instance_label": 2}, "instance_label"),
+    ({"instance_label": 0}, "no prompts"),
+]
+
+
+def test_label_map_accepts_the_documented_forms():
+    label_map = parse_label_map({"5": "liver", "12": ["spleen", "the spleen"], "instance_label": "true"})
+    assert label_map.values == (5, 12) and label_map.prompts == ["liver", "spleen"]
+    assert label_map.phrasings_of(12) == ("spleen", "the spleen") and label_map.instance is True
+    for flag, expected in ((0, False), (1, True), (False, False), ("0", False), ("False", False)):
+        assert parse_label_map({"1": "x", "instance_label": flag}).instance is expected
+    assert parse_label_map({"1": "x"}).instance is None
+
+
+@pytest.mark.parametrize(("data", "message"), BAD_MAPS)
+def test_label_map_rule_refuses_with_one_line(data, message, tmp_path):
+    with pytest.raises(InputError, match=message) as info:
+        parse_label_map(data, tmp_path / "p.json")
+    assert "\n" not in str(info.value) and str(info.value).startswith(str(tmp_path / "p.json"))
+
+
+@pytest.mark.parametrize(("data", "message"), BAD_MAPS)
+def test_segment_train_and_eval_share_the_rule(data, message, tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(data))
+    for read in (read_prompt_file, read_prompt_collection, read_labels_json):
+        with pytest.raises(InputError, match=message):
+            read(path)
+
+
+def test_challenge_prompt_list_passes_the_rule():
+    data = read_prompt_collection(PROMPT_LIST)
+    assert len(data) == 68
+
+
+def _npz_with_prompts(tmp_path: Path, prompts: dict) -> Path:
+    case = np.load(MR_NPZ, allow_pickle=True)
+    path = tmp_path / "case.npz"
+    np.savez_compressed(path, imgs=case["imgs"][:8, :32, :32], spacing=case["spacing"],
+                        text_prompts=np.array(prompts, dtype=object))
+    return path
+
+
+@pytest.mark.parametrize(("prompts", "message"), [
+    ({-3: "liver", "instance_label": 0}, "outside 1..65535"),
+    ({"0": "liver"}, "background"),
+    ({"70000": "liver"}, "outside 1..65535"),
+    ({"1": "liver", "01": "spleen"}, "given twice"),
+    ({1: "liver", "1": "spleen"}, "given twice"),
+])
+def test_npz_text_prompts_are_validated(prompts, message, tmp_path):
+    path = _npz_with_prompts(tmp_path, prompts)
+    with pytest.raises(InputError, match=message) as info:
+        prompts_for(read_challenge_npz(path), [])
+    assert str(path) in str(info.value)
+
+
+def test_npz_bad_text_prompts_fail_segment_with_one_line(small_checkpoint, tmp_path):
+    path = _npz_with_prompts(tmp_path, {"1": "liver", "01": "spleen", "instance_label": 0})
+    result = runner.invoke(app, ["segment", str(path), "-m", str(small_checkpoint), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "text_prompts: label value 1 is given twice" in errors[0]
+    assert not (tmp_path / "out" / "case.npz").exists()
+
+
+def test_real_challenge_prompts_unchanged():
+    prompts, values, instance = prompts_for(read_challenge_npz(MR_NPZ), [])
+    assert values == [1, 2, 3, 4] and not instance and all(isinstance(p, str) and p for p in prompts)
+
+
+def test_training_prompt_file_errors_name_the_dataset(tmp_path):
+    (tmp_path / "p.json").write_text(json.dumps({"CT_AMOS": {"1": ["Spleen"], "instance_label": "yes"}}))
+    with pytest.raises(InputError, match="dataset 'CT_AMOS': 'instance_label' must be 0, 1, true or false"):
+        discover_cases(CHALLENGE, tmp_path / "p.json")
+
+
+def test_eval_labels_json_instance_word(tmp_path):
+    (tmp_path / "labels.json").write_text(json.dumps({"1": "nucleus", "instance_label": "yes"}))
+    with pytest.raises(InputError, match="'instance_label' must be 0, 1, true or false, got 'yes'"):
+        evaluate_folder(tmp_path, tmp_path, labels_json=tmp_path / "labels.json")
+
+
+def test_duplicate_prompts_keep_every_label_in_the_sidecar(small_checkpoint, tmp_path):
+    out = tmp_path / "seg.nii.gz"
+    result = runner.invoke(app, ["segment", str(CT), "liver", "spleen", "liver", "-m", str(small_checkpoint),
+                                 "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    sidecar = json.loads((tmp_path / "seg.json").read_text())
+    assert sidecar["prompts"] == {"liver": [1, 3], "spleen": 2}
+    assert [(e["label"], e["prompt"]) for e in sidecar["labels"]] == [(1, "liver"), (2, "spleen"), (3, "liver")]
