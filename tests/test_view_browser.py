@@ -100,7 +100,7 @@ def _canvas_pixels(driver) -> np.ndarray:
     rect = driver.execute_script("const r = document.querySelector('#gl').getBoundingClientRect();"
                                  "return [r.left, r.top, r.width, r.height];")
     shot = np.asarray(Image.open(io.BytesIO(driver.get_screenshot_as_png())).convert("RGB"))
-    x, y, w, h = (int(round(v)) for v in rect)
+    x, y, w, h = (round(v) for v in rect)
     return shot[y : y + h, x : x + w]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
 import threading
@@ -75,9 +76,8 @@ def serve(session: ViewSession, host: str = "127.0.0.1", port: int = 8765, open_
                 webbrowser.open(url)
 
     threading.Thread(target=announce, name="text3dsam-view-ready", daemon=True).start()
-    try:
+    # uvicorn re-raises Ctrl-C after its graceful shutdown: that is the normal way to stop.
+    with contextlib.suppress(KeyboardInterrupt):
         server.run()
-    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown: that is a normal stop
-        pass
     if not server.started:
         raise UsageError(f"the viewer could not listen on {host}:{port}")
