@@ -221,6 +221,18 @@ def test_no_prompts_clears_the_map(client):
     assert client.get("/api/sidecar.json").status_code == 400
 
 
+def test_vocabulary_suggestions(client):
+    answer = client.get("/api/vocabulary", params={"q": "kidney", "modality": "CT", "limit": 5})
+    assert answer.status_code == 200, answer.text
+    suggestions = answer.json()["suggestions"]
+    assert 0 < len(suggestions) <= 5
+    assert "kidney" in suggestions[0]["name"].lower()
+    assert all(s["modality"] == "CT" for s in suggestions)
+    everything = client.get("/api/vocabulary", params={"limit": 200}).json()["suggestions"]
+    assert len(everything) > len(suggestions)
+    assert client.get("/api/vocabulary", params={"q": "x" * 201}).status_code == 400
+
+
 def test_count_components():
     mask = np.zeros((5, 5, 5), dtype=bool)
     assert count_components(mask) == 0
@@ -280,22 +292,27 @@ def test_view_command_refuses_a_folder_of_several_inputs(small_checkpoint, tmp_p
 
 
 @pytest.mark.slow
-def test_view_command_serves_on_loopback_and_stops_on_ctrl_c(small_checkpoint, tmp_path):
+def test_view_command_serves_on_loopback_opens_the_browser_and_stops_on_ctrl_c(small_checkpoint, tmp_path):
     port = _free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    opened = tmp_path / "opened.txt"
+    fake_browser = tmp_path / "browser.py"  # what $BROWSER names is what webbrowser.open runs
+    fake_browser.write_text(f"import sys, pathlib; pathlib.Path({str(opened)!r}).write_text(sys.argv[1])\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "BROWSER": f"{sys.executable} {fake_browser} %s"}
     proc = subprocess.Popen([sys.executable, "-m", "text3dsam_cli", "view", str(CT), "-m", str(small_checkpoint),
-                             "--device", "cpu", "--no-browser", "--port", str(port)],
+                             "--device", "cpu", "--port", str(port)],
                             stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
     reader.start()
+    url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.monotonic() + 180
-        while not any("viewer at" in line for line in lines):
+        while not (any("viewer at" in line for line in lines) and opened.exists()):
             assert proc.poll() is None, "".join(lines)
             assert time.monotonic() < deadline, "".join(lines)
             time.sleep(0.2)
-        assert f"http://127.0.0.1:{port}/" in "".join(lines)
+        assert url in "".join(lines)
+        assert opened.read_text() == url
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
             sock.sendall(b"GET /static/../../../../etc/passwd HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
             raw = b""
@@ -304,7 +321,7 @@ def test_view_command_serves_on_loopback_and_stops_on_ctrl_c(small_checkpoint, t
         assert raw.startswith(b"HTTP/1.1 404") and b"root:" not in raw
         import httpx
 
-        answer = httpx.post(f"http://127.0.0.1:{port}/api/segment", json={"prompts": ["liver"]}, timeout=120)
+        answer = httpx.post(f"{url}api/segment", json={"prompts": ["liver"]}, timeout=120)
         assert answer.status_code == 200 and answer.json()["timings"]["encode"] == 0  # encoded at start-up
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0

@@ -132,6 +132,10 @@ def test_page_draws_the_scan_and_a_typed_prompt_shows_overlay_and_legend(server,
     box = browser.find_element(By.ID, "prompt")
     for revision, prompt in enumerate(["pancreas", "aorta"], start=1):
         box.send_keys(prompt)
+        # Suggestions from the training vocabulary follow what is typed.
+        _wait(browser, lambda d, p=prompt: d.execute_script(
+            "return [...document.querySelectorAll('#suggestions option')].some(o => "
+            f"o.value.toLowerCase().includes('{p}'))"), 30, f"suggestions for {prompt!r}")
         box.send_keys(Keys.ENTER)
         _wait(browser, lambda d, r=revision: d.execute_script(f"return document.body.dataset.revision === '{r}'"),
               120, f"the overlay of {prompt!r}")
