@@ -282,6 +282,16 @@ def test_view_command_warns_for_other_hosts_and_refuses_a_busy_port(small_checkp
     assert result.exit_code == 2
 
 
+def test_view_command_names_a_bad_input(small_checkpoint, tmp_path):
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"not an image")
+    for path in (broken, tmp_path / "missing.nii.gz"):
+        result = CliRunner().invoke(cli_app, ["view", str(path), "-m", str(small_checkpoint), "--no-browser",
+                                              "--port", str(_free_port())])
+        assert result.exit_code != 0
+        assert str(path) in " ".join(result.output.split()) and "Traceback" not in result.output
+
+
 def test_view_command_refuses_a_folder_of_several_inputs(small_checkpoint, tmp_path):
     for name in ("a.nii.gz", "b.nii.gz"):
         (tmp_path / name).write_bytes(CT.read_bytes())

@@ -40,7 +40,7 @@ def view_command(
     from text3dsam_cli.devices import set_threads
     from text3dsam_cli.inference import Segmenter
     from text3dsam_cli.model import load_model
-    from text3dsam_cli.view import ViewSession
+    from text3dsam_cli.view import ViewSession, read_input
     from text3dsam_cli.view.server import check_port, is_loopback, require_web_stack, serve
 
     require_web_stack()
@@ -50,11 +50,12 @@ def view_command(
                           "computer can see the scan and run the model (no authentication)", highlight=False)
     check_port(host, port)
     set_threads(threads)
-    err_console.print("[dim]loading the scan and the model…[/]")
+    err_console.print("[dim]reading the scan, loading the model…[/]")
+    item, volume = read_input(input, series)
     net = load_model(model, revision)
     segmenter = Segmenter(net, device=device, precision=precision, mode=mode, spacing=target_spacing,
                           overlap=overlap)
-    session = ViewSession.open(input, segmenter, modality=modality, window=window, series_uid=series)
+    session = ViewSession(segmenter, volume, item, modality=modality, window=window)
     seconds = session.encode()
     err_console.print(f"[dim]model {escape(str(net.source.get('model')))} on {segmenter.device}; image encoded "
                       f"in {seconds:.1f} s ({segmenter.mode} volume mode)[/]", highlight=False)

@@ -72,12 +72,9 @@ class ViewSession:
     @classmethod
     def open(cls, input: str, segmenter: Segmenter, modality: str | None = None, window: str = DEFAULT_WINDOW,
              series_uid: str | None = None) -> ViewSession:
-        """Read one input (file, DICOM folder, npz) by ``segment``'s rules; a folder of several inputs is refused."""
-        items = expand_inputs([input])
-        if len(items) != 1:
-            raise UsageError(f"{input}: view shows one scan, but this holds {len(items)} inputs: give one of them")
-        volume = read_volume(items[0].path, series_uid=series_uid)
-        return cls(segmenter, volume, items[0], modality, window)
+        """A session for one input read by ``segment``'s rules (see :func:`read_input`)."""
+        item, volume = read_input(input, series_uid)
+        return cls(segmenter, volume, item, modality, window)
 
     # -- model ------------------------------------------------------------------------------------------------
     def encode(self) -> float:
@@ -170,6 +167,14 @@ class ViewSession:
                 raise UsageError("no prompts yet: add a prompt first")
             return build_sidecar(self.item, self.volume, self.result, dict(self.segmenter.model.source),
                                  self.scan.describe(), {"labels": "labels.nii.gz"}, self.last_timings)
+
+
+def read_input(input: str, series_uid: str | None = None) -> tuple[InputItem, Volume]:
+    """Read one input (file, DICOM folder, npz) by ``segment``'s rules; a folder of several inputs is refused."""
+    items = expand_inputs([input])
+    if len(items) != 1:
+        raise UsageError(f"{input}: view shows one scan, but this holds {len(items)} inputs: give one of them")
+    return items[0], read_volume(items[0].path, series_uid=series_uid)
 
 
 def check_prompts(prompts: Any) -> list[str]:
