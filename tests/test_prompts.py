@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -15,14 +16,18 @@ from text3dsam_cli.errors import InputError
 from text3dsam_cli.evaluation import evaluate_folder
 from text3dsam_cli.io import read_challenge_npz
 from text3dsam_cli.prompts import (
+    load_vocabulary,
+    match_prompt,
     parse_label_map,
     prompts_for,
     read_labels_json,
     read_prompt_collection,
     read_prompt_file,
+    search_vocabulary,
 )
 from text3dsam_cli.training import discover_cases
 
+ROOT = Path(__file__).resolve().parents[1]
 PROMPT_LIST = DATA / "prompts" / "CVPR25_TextSegFMData_with_class.json"
 MR_NPZ = CHALLENGE / "MR_BraTS-T1c_bratsgli_0017.npz"
 CT = DATA / "nifti" / "totalsegmentator" / "example_ct_sm.nii.gz"
@@ -131,3 +136,85 @@ def test_duplicate_prompts_keep_every_label_in_the_sidecar(small_checkpoint, tmp
     sidecar = json.loads((tmp_path / "seg.json").read_text())
     assert sidecar["prompts"] == {"liver": [1, 3], "spleen": 2}
     assert [(e["label"], e["prompt"]) for e in sidecar["labels"]] == [(1, "liver"), (2, "spleen"), (3, "liver")]
+
+
+# -- the vocabulary ------------------------------------------------------------------------------------------
+
+
+def _build_script():
+    spec = importlib.util.spec_from_file_location("build_vocabulary", ROOT / "scripts" / "build_vocabulary.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_shipped_vocabulary_is_what_the_script_derives():
+    script = _build_script()
+    derived = script.render(script.derive(json.loads(PROMPT_LIST.read_text(encoding="utf-8"))))
+    shipped = (ROOT / "text3dsam_cli" / "data" / "vocabulary.json").read_text(encoding="utf-8")
+    assert shipped == derived
+    assert (ROOT / "text3dsam_cli" / "data" / "NOTICE").read_text().count("CC BY-NC-SA 4.0") == 1
+
+
+def test_vocabulary_covers_the_challenge_prompt_list():
+    entries = load_vocabulary()
+    source = json.loads(PROMPT_LIST.read_text(encoding="utf-8"))
+    assert len(entries) == 247 and {e.modality for e in entries} == {"CT", "MR", "PET", "US", "Microscopy"}
+    for labels in source.values():  # every phrasing of the file is known
+        for key, phrasings in labels.items():
+            if key != "instance_label":
+                assert all(match_prompt(p).known for p in phrasings)
+    liver = next(e for e in entries if e.name == "Liver" and e.modality == "CT")
+    assert "CT_AMOS" in liver.datasets and "Liver in abdominal CT" in liver.phrasings
+
+
+def test_search_is_case_insensitive_and_typo_tolerant():
+    assert {(e.name, e.modality) for e in search_vocabulary("kidnye")} >= {
+        ("Left kidney", "CT"), ("Right kidney", "CT"), ("Left kidney", "MR"), ("Right kidney", "MR")}
+    assert search_vocabulary("SPLEEN")[0].name == "Spleen"
+    assert search_vocabulary("spleen", modality="mr")[0].modality == "MR"
+    assert all(e.modality == "PET" for e in search_vocabulary("", modality="PT"))
+    assert len(search_vocabulary("", limit=3)) == 3 and search_vocabulary("qqqqzzzz") == []
+
+
+def test_match_prompt_normalises_and_finds_the_closest_class():
+    match = match_prompt("  LIVER, in abdominal   CT. ")
+    assert match.known and match.closest == "Liver" and match.score == 1.0
+    match = match_prompt("left kidny")
+    assert not match.known and match.closest == "Left kidney" and 0.5 < match.score < 1.0
+
+
+def prompts_cli(*args):
+    return runner.invoke(app, ["prompts", *args])
+
+
+def test_prompts_command_table_and_json():
+    result = prompts_cli("kidnye")
+    assert result.exit_code == 0 and "Left kidney" in result.stdout and "CT_AMOS" in result.stdout
+    result = prompts_cli("liver", "--modality", "MR", "--json")
+    data = json.loads(result.stdout)
+    assert result.exit_code == 0 and data and all({"name", "modality"} <= set(d) for d in data)
+    assert data[0]["name"] == "Liver" and {d["modality"] for d in data} == {"MR"}
+    assert prompts_cli("--modality", "XYZ").exit_code == 2
+    assert prompts_cli("qqqqzzzz").exit_code == 1
+
+
+def test_strict_prompts_refuses_before_loading_the_model(tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["segment", str(CT), "liver", "left kidny", "spleeen", "--strict-prompts",
+                                 "-m", str(tmp_path / "no-such-model"), "-o", str(out)])
+    assert result.exit_code == 2 and "'left kidny'" in result.stderr and "Left kidney" in result.stderr
+    assert "'spleeen'" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_unknown_prompt_warns_once_and_the_sidecar_says_so(small_checkpoint, tmp_path):
+    out = tmp_path / "seg.nii.gz"
+    result = runner.invoke(app, ["segment", str(CT), "liver", "left kidny", "-m", str(small_checkpoint),
+                                 "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "'left kidny'" in warnings[0] and "Left kidney" in warnings[0]
+    labels = json.loads((tmp_path / "seg.json").read_text())["labels"]
+    assert labels[0]["vocabulary"] == {"known": True, "closest": "Liver", "score": 1.0}
+    assert labels[1]["vocabulary"]["known"] is False and labels[1]["vocabulary"]["closest"] == "Left kidney"

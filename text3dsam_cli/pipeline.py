@@ -22,7 +22,7 @@ from text3dsam_cli.errors import InputError, Text3DSAMError, UsageError
 from text3dsam_cli.inference import SegmentationResult, Segmenter
 from text3dsam_cli.io import InputItem, Volume, atomic_path, read_volume, write_volume
 from text3dsam_cli.preprocess import DEFAULT_WINDOW, ModalityDecision, normalize_as, resolve_modality
-from text3dsam_cli.prompts import prompts_for
+from text3dsam_cli.prompts import check_known_prompts, match_prompt, prompts_for
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,9 @@ class SegmentOptions:
     probabilities: bool = False
     preview: bool = False
     dicom_seg: bool = False
+    rtstruct: bool = False
     skip_existing: bool = False
+    strict_prompts: bool = False  # refuse prompts that are not phrasings of the vocabulary
 
 
 @dataclass
@@ -156,7 +158,8 @@ def build_sidecar(item: InputItem, volume: Volume, result: SegmentationResult, m
         "device": result.device,
         "modality": modality,
         "prompts": prompt_values(result.prompts, result.label_values),
-        "labels": label_statistics(result.labels, result.label_values, result.prompts, volume.voxel_volume_ml),
+        "labels": [{**entry, "vocabulary": match_prompt(entry["prompt"]).to_dict()} for entry in
+                   label_statistics(result.labels, result.label_values, result.prompts, volume.voxel_volume_ml)],
         "geometry": volume.geometry(),
         "outputs": outputs,
         "timings_s": {k: round(v, 4) for k, v in timings.items()},
@@ -272,8 +275,17 @@ class SegmentRun:
         volume: Volume = future.result()
         waited = time.perf_counter() - t_read
         prompts, values, instance = prompts_for(volume, self.prompts, self.label_values)
+        if self.options.strict_prompts:
+            check_known_prompts(prompts, item.path)
         if self.options.dicom_seg and volume.source_format != "dicom":
             raise InputError("--dicom-seg needs a DICOM series input", item.path)
+        if self.options.rtstruct and volume.source_format != "dicom":
+            raise InputError("--rtstruct needs a DICOM series input", item.path)
+        sources = None
+        if self.options.rtstruct:  # refuse a series that cannot be referenced before the model runs
+            from text3dsam_cli.io.dicomseg import read_source_series
+
+            sources = read_source_series(volume, "RTSTRUCT")
         t0 = time.perf_counter()
         scan = prepare_scan(volume, self.options.modality, self.options.window)
         t_pre = time.perf_counter() - t0
@@ -286,14 +298,21 @@ class SegmentRun:
         written: dict[str, str] = {}
         t0 = time.perf_counter()
         stem = output_stem(out)
+        source = str(self.segmenter.model.source.get("model") or "Text3DSAM")
+        name = source if self.segmenter.model.source.get("commit") else f"Text3DSAM ({Path(source).name})"
         if self.options.dicom_seg:  # first: the output most likely to be refused (source UIDs, highdicom)
             from text3dsam_cli.io.dicomseg import write_dicom_seg
 
             path = Path(f"{stem}.seg.dcm")
-            source = str(self.segmenter.model.source.get("model") or "Text3DSAM")
-            name = source if self.segmenter.model.source.get("commit") else f"Text3DSAM ({Path(source).name})"
             write_dicom_seg(volume, result.labels, result.label_values, result.prompts, path, model_name=name)
             written["dicom_seg"] = str(path)
+        if self.options.rtstruct:
+            from text3dsam_cli.io.rtstruct import write_rtstruct
+
+            path = Path(f"{stem}.rtstruct.dcm")
+            write_rtstruct(volume, result.labels, result.label_values, result.prompts, path, model_name=name,
+                           sources=sources)
+            written["rtstruct"] = str(path)
         written["labels"] = str(self._write_labels(volume, result, out))
         suffix = out.name[len(Path(stem).name):]
         if self.options.split:

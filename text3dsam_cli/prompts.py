@@ -40,6 +40,8 @@ __all__ = [
     "LabelMap",
     "VocabularyEntry",
     "VocabularyMatch",
+    "check_known_prompts",
+    "describe_unknown",
     "is_label_map",
     "load_vocabulary",
     "match_prompt",
@@ -52,6 +54,7 @@ __all__ = [
     "read_prompt_collection",
     "read_prompt_file",
     "search_vocabulary",
+    "unknown_prompts",
 ]
 
 INSTANCE_KEY = "instance_label"
@@ -304,6 +307,7 @@ def _phrasing_index() -> tuple[dict[str, int], list[str], list[int]]:
     return exact, texts, [exact[t] for t in texts]
 
 
+@functools.lru_cache(maxsize=4096)
 def match_prompt(text: str) -> VocabularyMatch:
     """Whether ``text`` is a phrasing the model was trained on (after :func:`normalize_text`), and the closest
     class (by rapidfuzz's weighted ratio over every phrasing) when it is not."""
@@ -319,6 +323,35 @@ def match_prompt(text: str) -> VocabularyMatch:
         return VocabularyMatch(False, "", 0.0, "")
     phrasing, score, position = best
     return VocabularyMatch(False, entries[owners[position]].name, float(score) / 100.0, phrasing)
+
+
+def unknown_prompts(prompts: Sequence[str]) -> list[tuple[str, VocabularyMatch]]:
+    """The prompts (each once, in order) that are not phrasings of the vocabulary, with their closest match."""
+    out, seen = [], set()
+    for prompt in prompts:
+        if prompt in seen:
+            continue
+        seen.add(prompt)
+        match = match_prompt(prompt)
+        if not match.known:
+            out.append((prompt, match))
+    return out
+
+
+def describe_unknown(prompt: str, match: VocabularyMatch) -> str:
+    """One line about an unknown prompt: ``prompt 'kidny' is not a phrasing the model was trained on
+    (closest known class: Left kidney, similarity 0.83)``."""
+    closest = f" (closest known class: {match.closest}, similarity {match.score:.2f})" if match.closest else ""
+    return f"prompt {prompt!r} is not a phrasing the model was trained on{closest}"
+
+
+def check_known_prompts(prompts: Sequence[str], where: str | Path | None = None) -> None:
+    """Raise an InputError naming the first prompt that is not in the vocabulary (``--strict-prompts``)."""
+    unknown = unknown_prompts(prompts)
+    if unknown:
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        raise InputError(f"--strict-prompts: {describe_unknown(*unknown[0])}{more}; see 'text3dsam prompts'",
+                         where)
 
 
 def search_vocabulary(query: str = "", modality: str | None = None,

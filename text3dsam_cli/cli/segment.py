@@ -51,6 +51,11 @@ def segment_command(
     preview: bool = typer.Option(False, "--preview", help="Also write a PNG: three orthogonal slices per label."),
     dicom_seg: bool = typer.Option(False, "--dicom-seg", help="Also write a DICOM-SEG (DICOM inputs; needs the "
                                    "'dicomseg' extra: pip install 'text3dsam-cli[dicomseg]')."),
+    strict_prompts: bool = typer.Option(False, "--strict-prompts", help="Refuse prompts that are not phrasings "
+                                        "the model was trained on (see 'text3dsam prompts'); default: warn."),
+    rtstruct: bool = typer.Option(False, "--rtstruct", help="Also write a DICOM RT Structure Set, one ROI per "
+                                  "prompt (DICOM inputs; needs the 'rtstruct' extra: pip install "
+                                  "'text3dsam-cli[rtstruct]')."),
     skip_existing: bool = typer.Option(False, "--skip-existing", help="Skip inputs whose output already exists."),
     shard: str = typer.Option(None, "--shard", help="Process shard i of n of the input list ('i/n', 1-based), "
                               "for cluster job arrays."),
@@ -69,7 +74,10 @@ def segment_command(
     from text3dsam_cli.io import expand_inputs, image_format, select_shard
     from text3dsam_cli.model import load_model
     from text3dsam_cli.pipeline import SegmentOptions, SegmentRun
-    from text3dsam_cli.prompts import read_prompt_file
+    from text3dsam_cli.prompts import describe_unknown, match_prompt, read_prompt_file, unknown_prompts
+
+    def warn(message: str) -> None:
+        err_console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
     prompts = list(prompts or [])
     if any(not p.strip() for p in prompts):
@@ -83,12 +91,26 @@ def segment_command(
         if prompts:
             raise UsageError("give PROMPT arguments or --prompt-file, not both")
         prompts, label_values = read_prompt_file(prompt_file)
+    unknown = unknown_prompts(prompts)
+    if strict_prompts and unknown:
+        more = f"; also unknown: {', '.join(repr(p) for p, _ in unknown[1:])}" if len(unknown) > 1 else ""
+        raise UsageError(f"--strict-prompts: {describe_unknown(*unknown[0])}{more} (see 'text3dsam prompts')")
+    warned: set[str] = set()
+    if not quiet:
+        for prompt, match in unknown:
+            warn(describe_unknown(prompt, match))
+            warned.add(prompt)
+    if rtstruct:
+        from text3dsam_cli.io.rtstruct import MISSING_SKIMAGE, skimage_available
+
+        if not skimage_available():
+            raise UsageError(f"--rtstruct: {MISSING_SKIMAGE}")
     target_spacing = parse_triple(spacing, "--spacing", float, "1.5,1.5,3 (mm, x,y,z)")
     set_threads(threads)
     items = select_shard(expand_inputs([input], stdin=sys.stdin if input == "-" else None), shard)
     options = SegmentOptions(output=output, fmt=fmt, series_uid=series, modality=modality, window=window,
                              split=split, probabilities=probabilities, preview=preview, dicom_seg=dicom_seg,
-                             skip_existing=skip_existing)
+                             rtstruct=rtstruct, skip_existing=skip_existing, strict_prompts=strict_prompts)
     if not quiet:
         err_console.print(f"[dim]{len(items)} input(s); loading model…[/]")
     net = load_model(model, revision)
@@ -107,6 +129,10 @@ def segment_command(
             sys.stdout.flush()
         if quiet:
             return
+        for entry in (outcome.sidecar or {}).get("labels", []):  # prompts read from the input (npz)
+            if not entry["vocabulary"]["known"] and entry["prompt"] not in warned:
+                warned.add(entry["prompt"])
+                warn(describe_unknown(entry["prompt"], match_prompt(entry["prompt"])))
         if outcome.status == "ok":
             err_console.print(f"[green]done[/] {escape(outcome.input)} [dim]({outcome.seconds:.1f} s)[/]",
                               highlight=False)

@@ -26,14 +26,17 @@ import text3dsam_cli
 from text3dsam_cli.errors import InputError, OutputError
 from text3dsam_cli.io.atomic import atomic_path
 from text3dsam_cli.io.readers import first_error_line
+from text3dsam_cli.io.segment_codes import code_for_prompt
 from text3dsam_cli.io.volume import Volume
 
 #: Message when the optional dependency is missing.
 MISSING_HIGHDICOM = "DICOM-SEG output needs highdicom: pip install 'text3dsam-cli[dicomseg]'"
 
-#: Segmented property category and type of every segment: prompts are free text, so the generic "Tissue"
-#: concept (SCT 85756007, CID 7150, 3D Slicer's default for unclassified segments) is used for both; the
-#: prompt itself is in Segment Label (first 64 characters) and Segment Description (in full).
+#: Segmented property category and type of a segment whose prompt names no known structure: the generic
+#: "Tissue" concept (SCT 85756007, CID 7150, 3D Slicer's default for unclassified segments) for both. A
+#: prompt that is a trained phrasing of a structure in :mod:`text3dsam_cli.io.segment_codes` gets that
+#: structure's SNOMED CT code (category "Anatomical Structure", laterality as a type modifier). The prompt
+#: itself is in Segment Label (first 64 characters) and Segment Description (in full).
 PROPERTY_CATEGORY = Code("85756007", "SCT", "Tissue")
 PROPERTY_TYPE = Code("85756007", "SCT", "Tissue")
 #: Algorithm family (CID 7162).
@@ -111,14 +114,19 @@ def _segment_map(labels: np.ndarray, values: list[int]) -> np.ndarray:
     return lut[labels]
 
 
-def _read_sources(files: Sequence[str], where: Path | None) -> list[pydicom.Dataset]:
+def _a(kind: str) -> str:
+    """``"a DICOM-SEG"``, ``"an RTSTRUCT"``: the object name with its article (spoken letter by letter)."""
+    return f"{'an' if kind[:1] in 'AEFHILMNORSX' else 'a'} {kind}"
+
+
+def _read_sources(files: Sequence[str], where: Path | None, kind: str = "DICOM-SEG") -> list[pydicom.Dataset]:
     """The source headers (no pixel data), in the order of ``files``."""
     datasets = []
     for name in files:
         try:
             datasets.append(pydicom.dcmread(name, stop_before_pixels=True, force=True))
         except Exception as exc:  # pydicom raises many kinds of errors on broken files
-            raise InputError(f"cannot read the source DICOM file {name} for the DICOM-SEG "
+            raise InputError(f"cannot read the source DICOM file {name} for the {kind} "
                              f"({first_error_line(exc)})", where) from None
     return datasets
 
@@ -128,12 +136,13 @@ def _text(ds: pydicom.Dataset, keyword: str) -> str:
     return "" if value is None else str(value).strip()
 
 
-def _complete_sources(datasets: list[pydicom.Dataset], slice_spacing: float, where: Path | None) -> None:
+def _complete_sources(datasets: list[pydicom.Dataset], slice_spacing: float, where: Path | None,
+                      kind: str = "DICOM-SEG") -> None:
     """Fill, in memory, what the files leave out but can be filled validly; refuse what cannot.
 
     * empty SOP Class/Instance UID: taken from the file meta (Media Storage SOP Class/Instance UID, which
       PS3.10 defines as the same values);
-    * empty Study/Series Instance UID: refused, since the SEG belongs to the source study and must name the
+    * empty Study/Series Instance UID: refused, since the object belongs to the source study and must name the
       source series, and an invented UID would point at nothing;
     * missing Frame of Reference UID: the series' own one if some files have it; if none has, a UID derived
       from the study and series UIDs (the same for every SEG of that series);
@@ -157,14 +166,14 @@ def _complete_sources(datasets: list[pydicom.Dataset], slice_spacing: float, whe
             problems.append(keyword)
     if problems:
         names = " and ".join([", ".join(problems[:-1]), problems[-1]] if len(problems) > 1 else problems)
-        raise InputError(f"cannot write a DICOM-SEG for this series: its source files have an empty {names}, "
-                         f"which a DICOM-SEG must reference (the NIfTI output does not need them)", where)
+        raise InputError(f"cannot write {_a(kind)} for this series: its source files have an empty {names}, "
+                         f"which {_a(kind)} must reference (the NIfTI output does not need them)", where)
     if len({_text(ds, "SOPInstanceUID") for ds in datasets}) != len(datasets):
-        raise InputError("cannot write a DICOM-SEG for this series: several source files share one "
+        raise InputError(f"cannot write {_a(kind)} for this series: several source files share one "
                          "SOPInstanceUID", where)
     frames = {_text(ds, "FrameOfReferenceUID") for ds in datasets} - {""}
     if len(frames) > 1:
-        raise InputError("cannot write a DICOM-SEG for this series: its files have different "
+        raise InputError(f"cannot write {_a(kind)} for this series: its files have different "
                          "FrameOfReferenceUIDs", where)
     if frames:
         frame_uid = frames.pop()
@@ -188,11 +197,12 @@ def _complete_sources(datasets: list[pydicom.Dataset], slice_spacing: float, whe
             ds.PatientSex = _text(ds, "PatientSex").upper()
 
 
-def _slice_order(datasets: list[pydicom.Dataset], volume: Volume, where: Path | None) -> np.ndarray:
+def _slice_order(datasets: list[pydicom.Dataset], volume: Volume, where: Path | None,
+                 kind: str = "DICOM-SEG") -> np.ndarray:
     """For each source image, the index z of the volume slice it holds (checked against the geometry)."""
     nz, ny, nx = volume.shape
     if len(datasets) != nz:
-        raise InputError(f"cannot write a DICOM-SEG: the volume has {nz} slices but {len(datasets)} source "
+        raise InputError(f"cannot write {_a(kind)}: the volume has {nz} slices but {len(datasets)} source "
                          f"files (multi-frame source images are not supported)", where)
     axes = np.asarray(volume.direction, dtype=float).reshape(3, 3)  # columns: x, y, z axis directions
     origin = np.asarray(volume.origin, dtype=float)
@@ -201,24 +211,43 @@ def _slice_order(datasets: list[pydicom.Dataset], volume: Volume, where: Path | 
     for k, ds in enumerate(datasets):
         position, orientation = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient")
         if position is None or orientation is None or len(position) != 3 or len(orientation) != 6:
-            raise InputError("cannot write a DICOM-SEG: a source image has no ImagePositionPatient/"
+            raise InputError(f"cannot write {_a(kind)}: a source image has no ImagePositionPatient/"
                              "ImageOrientationPatient", where)
         if (int(ds.get("Rows", 0)), int(ds.get("Columns", 0))) != (ny, nx):
-            raise InputError(f"cannot write a DICOM-SEG: a source image is {ds.get('Rows')}x"
+            raise InputError(f"cannot write {_a(kind)}: a source image is {ds.get('Rows')}x"
                              f"{ds.get('Columns')}, the volume slices are {ny}x{nx}", where)
         cosines = np.asarray([float(v) for v in orientation]).reshape(2, 3)
         if not np.allclose(cosines, axes[:, :2].T, atol=1e-3):
-            raise InputError("cannot write a DICOM-SEG: a source image's orientation differs from the "
+            raise InputError(f"cannot write {_a(kind)}: a source image's orientation differs from the "
                              "volume's", where)
         index = float(np.dot(np.asarray([float(v) for v in position]) - origin, axes[:, 2])) / spacing_z
         order[k] = round(index)
         if abs(index - order[k]) > 0.2:
-            raise InputError("cannot write a DICOM-SEG: a source image lies between the volume's slices",
+            raise InputError(f"cannot write {_a(kind)}: a source image lies between the volume's slices",
                              where)
     if sorted(order.tolist()) != list(range(nz)):
-        raise InputError("cannot write a DICOM-SEG: the source images do not map one to one onto the "
+        raise InputError(f"cannot write {_a(kind)}: the source images do not map one to one onto the "
                          "volume's slices", where)
     return order
+
+
+def read_source_series(volume: Volume, kind: str = "DICOM-SEG",
+                       where: Path | None = None) -> tuple[list[pydicom.Dataset], np.ndarray]:
+    """The source headers of a volume read from a DICOM series, completed in memory and checked (the rules of
+    :func:`_complete_sources`), and for each header the index z of the volume slice it holds.
+
+    Shared by every DICOM object that references its series (DICOM-SEG, RTSTRUCT; ``kind`` names it in
+    errors). Raises ``InputError`` when the volume was not read from DICOM files or its series cannot be
+    referenced (e.g. empty Study/Series Instance UIDs); reads headers only, writes nothing.
+    """
+    where = where if where is not None else volume.path
+    files = volume.meta.get("dicom_files")
+    if not files:
+        raise InputError(f"{kind} output needs a DICOM series input (this image was not read from DICOM "
+                         "files)", where)
+    datasets = _read_sources(files, where, kind)
+    _complete_sources(datasets, float(volume.spacing[2]), where, kind)
+    return datasets, _slice_order(datasets, volume, where, kind)
 
 
 def _character_set(source: pydicom.Dataset, texts: Sequence[str]) -> Any:
@@ -253,8 +282,7 @@ def write_dicom_seg(volume: Volume, labels: np.ndarray, label_values: Sequence[i
     except ImportError:
         raise OutputError(MISSING_HIGHDICOM, path) from None
     where = volume.path if volume.path is not None else path
-    files = volume.meta.get("dicom_files")
-    if not files:
+    if not volume.meta.get("dicom_files"):
         raise InputError("DICOM-SEG output needs a DICOM series input (this image was not read from DICOM "
                          "files)", where)
     labels = np.asarray(labels)
@@ -262,9 +290,7 @@ def write_dicom_seg(volume: Volume, labels: np.ndarray, label_values: Sequence[i
         labels = labels.view(np.uint8)
     pairs = _check_segments(labels, label_values, prompts, volume.shape)
     values = [value for value, _ in pairs]
-    datasets = _read_sources(files, where)
-    _complete_sources(datasets, float(volume.spacing[2]), where)
-    order = _slice_order(datasets, volume, where)
+    datasets, order = read_source_series(volume, "DICOM-SEG", where)
     frames = _segment_map(labels, values)[order]  # frame k belongs to datasets[k]
 
     segment_labels = [_long_string(prompt, f"Segment {n}") for n, (_, prompt) in enumerate(pairs, start=1)]
@@ -277,11 +303,16 @@ def write_dicom_seg(volume: Volume, labels: np.ndarray, label_values: Sequence[i
         algorithm = hd.AlgorithmIdentificationSequence(name=algorithm_name, family=ALGORITHM_FAMILY,
                                                        version=version, source=MANUFACTURER)
         segments = []
-        for number, (label, text) in enumerate(zip(segment_labels, descriptions), start=1):
+        for number, (label, text, (_, prompt)) in enumerate(zip(segment_labels, descriptions, pairs), start=1):
+            coding = code_for_prompt(prompt)
             segment = hd.seg.SegmentDescription(
-                segment_number=number, segment_label=label, segmented_property_category=PROPERTY_CATEGORY,
-                segmented_property_type=PROPERTY_TYPE, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                segment_number=number, segment_label=label, segmented_property_category=coding.category,
+                segmented_property_type=coding.type, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
                 algorithm_identification=algorithm)
+            if coding.modifier is not None:  # laterality (CID 244), e.g. Kidney + Left
+                segment.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
+                    hd.sr.CodedConcept(coding.modifier.value, coding.modifier.scheme_designator,
+                                       coding.modifier.meaning)]
             if text:
                 segment.SegmentDescription = text
             segments.append(segment)

@@ -1,0 +1,55 @@
+"""``text3dsam prompts``: list and search the vocabulary the model was trained on."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+from text3dsam_cli.cli.app import app, err_console, handle_errors
+from text3dsam_cli.errors import UsageError
+
+
+@app.command("prompts")
+@handle_errors
+def prompts_command(
+    query: str = typer.Argument(None, help="Text to look for in class names and phrasings (case-insensitive, "
+                                "typo-tolerant: 'kidnye' finds the kidneys). Default: list every class.",
+                                show_default=False),
+    modality: str = typer.Option(None, "--modality", help="Only classes of this modality: CT, MR, PET (or PT), "
+                                 "US, Microscopy."),
+    phrasings: bool = typer.Option(False, "--phrasings", "-p", help="Show every phrasing of each class."),
+    limit: int = typer.Option(None, "--limit", help="At most this many classes.", min=1),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list of {name, modality, datasets, "
+                                 "phrasings} on stdout."),
+) -> None:
+    """List or search the prompts the model knows: class name, modality, datasets and phrasings.
+
+    The vocabulary is the CVPR 2025 text-guided 3D segmentation challenge's prompt list (CC BY-NC-SA 4.0);
+    phrasings listed here are what the model was trained on. Best matches first.
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from text3dsam_cli.prompts import MODALITY_ALIASES, load_vocabulary, normalize_modality, search_vocabulary
+
+    if modality is not None and normalize_modality(modality) not in {e.modality for e in load_vocabulary()}:
+        raise UsageError(f"--modality {modality!r}: use one of {', '.join(sorted(set(MODALITY_ALIASES.values())))}")
+    found = search_vocabulary(query or "", modality=modality, limit=limit)
+    if as_json:
+        typer.echo(json.dumps([entry.to_dict() for entry in found], indent=2, ensure_ascii=False))
+        return
+    if not found:
+        err_console.print(f"no class matches {query!r}" + (f" in {modality}" if modality else ""))
+        raise typer.Exit(1)
+    table = Table(show_lines=phrasings)
+    table.add_column("Class")
+    table.add_column("Modality")
+    table.add_column("Datasets")
+    table.add_column("Phrasings" if phrasings else "#", justify="left" if phrasings else "right")
+    for entry in found:
+        shown = "\n".join(entry.phrasings) if phrasings else str(len(entry.phrasings))
+        table.add_row(entry.name, entry.modality, ", ".join(entry.datasets), shown)
+    Console(soft_wrap=False).print(table)
+    total = len(load_vocabulary())
+    err_console.print(f"[dim]{len(found)} of {total} classes; phrasings: --phrasings; machine-readable: --json[/]")
