@@ -61,8 +61,34 @@ def _post(client, prompts):
     return client.post("/api/segment", json={"prompts": prompts})
 
 
-def test_second_request_decodes_only_the_new_prompt(small_model, tmp_path):
-    """The image is encoded once per server; a request adding a prompt costs <= 50 % of the first."""
+def test_second_request_decodes_only_the_new_prompt(small_model):
+    """The image is encoded once per server; a request adding a prompt costs <= 50 % of the first.
+
+    Three fresh servers (new Segmenter: no cached text either), compared by their fastest round, because the
+    test machine is shared and single timings are noisy (one torch thread: no waiting on a descheduled
+    sibling thread); the encoder call count is exact.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rounds = [_first_and_second_request(small_model) for _ in range(3)]
+    finally:
+        torch.set_num_threads(threads)
+    firsts, seconds = [r[3] for r in rounds], [r[4] for r in rounds]
+    _, second, third, _, _ = rounds[-1]
+    print(f"first requests {[round(t, 3) for t in firsts]} s, second {[round(t, 3) for t in seconds]} s: "
+          f"{min(seconds) / min(firsts):.0%}")
+    assert min(seconds) <= 0.5 * min(firsts)
+    labels = second.json()["labels"]
+    assert [(r["label"], r["prompt"]) for r in labels] == [(1, "liver"), (2, "spleen")]
+    assert {"voxels", "volume_ml", "components"} <= set(labels[0])
+    assert [r["prompt"] for r in third.json()["labels"]] == ["spleen", "liver", "aorta"]
+
+
+def _first_and_second_request(small_model):
+    """One fresh server: times of the first request (encoding + 1 prompt) and of one adding a new prompt."""
     session = ViewSession(Segmenter(small_model, device="cpu", mode="whole"), read_volume(CT))
     counter = EncoderCounter(small_model)
     try:
@@ -79,14 +105,7 @@ def test_second_request_decodes_only_the_new_prompt(small_model, tmp_path):
     assert counter.calls == 1
     assert first.json()["timings"]["encode"] > 0
     assert second.json()["timings"]["encode"] == 0 == third.json()["timings"]["encode"]
-    first_s, second_s = t1 - t0, t2 - t1
-    print(f"first request {first_s:.3f} s (encode {first.json()['timings']['encode']:.3f} s), "
-          f"second {second_s:.3f} s ({second_s / first_s:.0%})")
-    assert second_s <= 0.5 * first_s
-    labels = second.json()["labels"]
-    assert [(r["label"], r["prompt"]) for r in labels] == [(1, "liver"), (2, "spleen")]
-    assert {"voxels", "volume_ml", "components"} <= set(labels[0])
-    assert [r["prompt"] for r in third.json()["labels"]] == ["spleen", "liver", "aorta"]
+    return first, second, third, t1 - t0, t2 - t1
 
 
 def test_label_map_is_on_the_input_grid_and_equals_segment(client, small_checkpoint, tmp_path):
