@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +25,7 @@ from text3dsam_cli.devices import autocast_dtype, resolve_device
 from text3dsam_cli.embedding_store import EmbeddingStore
 from text3dsam_cli.errors import UsageError
 from text3dsam_cli.model import Text3DSAM
+from text3dsam_cli.model.decoder import ImageContext
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,26 @@ class SegmentationResult:
     mode: str = "whole"
     device: str = "cpu"
     timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class EncodedImage:
+    """An image after the image encoder: what :meth:`Segmenter.segment_encoded` decodes with any prompts.
+
+    ``contexts`` holds (window start, decoder context) pairs: one for the whole-volume strategy, one per
+    window for sliding (``plan`` then holds the grid and window layout). ``logits`` caches each decoded
+    prompt's low-resolution logits. ``shape`` is the (z, y, x) shape of the image that was encoded.
+    """
+
+    shape: tuple[int, int, int]
+    mode: str
+    contexts: Sequence[tuple[tuple[int, int, int], ImageContext]]
+    plan: dict[str, Any]
+    reusable: bool = True
+    device: str = "cpu"
+    seconds: float = 0.0
+    logits: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    used: bool = False
 
 
 def _source_index(in_size: int, out_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor,
@@ -355,29 +376,15 @@ class Segmenter:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     # -- strategies ----------------------------------------------------------------------------------------
-    def low_res_logits(self, image: torch.Tensor, text: torch.Tensor, spacing: Sequence[float] | None,
-                       ) -> tuple[torch.Tensor, str]:
-        """(D,H,W) float image 0..255 on device -> (K, d, h, w) logits covering the whole image."""
-        if self.mode == "sliding":
-            return self._sliding(image, text, spacing), "sliding"
-        return self._whole(image, text), "whole"
-
-    def _decode(self, ctx: Any, text: torch.Tensor) -> torch.Tensor:
+    def _decode(self, ctx: ImageContext, text: torch.Tensor) -> torch.Tensor:
         out = []
         for start in range(0, text.shape[0], self.prompt_batch_size):
             out.append(self.model.decode(ctx, text[start : start + self.prompt_batch_size]).float())
         return torch.cat(out)[:, 0]
 
-    def _whole(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        size = tuple(self.model.config.image_size)
-        with torch.inference_mode(), self._autocast():
-            x = F.interpolate(image[None, None], size=size, mode="trilinear", align_corners=False)
-            ctx = self.model.encode_image(x)
-            return self._decode(ctx, text)
-
-    def _sliding(self, image: torch.Tensor, text: torch.Tensor, spacing: Sequence[float] | None) -> torch.Tensor:
+    def _sliding_plan(self, shape: Sequence[int], spacing: Sequence[float] | None) -> dict[str, Any]:
+        """Resampled grid, padding and window positions of the sliding strategy for a (z, y, x) image."""
         window = tuple(self.model.config.image_size)
-        shape = tuple(image.shape)
         if self.spacing and spacing:
             # spacing is (x, y, z); the array is (z, y, x)
             target = [shape[i] * float(spacing[2 - i]) / self.spacing[2 - i] for i in range(3)]
@@ -388,48 +395,124 @@ class Segmenter:
         padded = [max(g, w) for g, w in zip(grid, window)]
         steps = [max(4, int(w * (1 - self.overlap)) // 4 * 4) for w in window]
         starts = [window_starts(p, w, s) for p, w, s in zip(padded, window, steps)]
-        k = text.shape[0]
-        low = [p // 4 for p in padded]
-        win_low = [w // 4 for w in window]
-        canvas = torch.zeros((k, *low), dtype=torch.float32, device=image.device)
-        weight = torch.zeros(low, dtype=torch.float32, device=image.device)
-        importance = gaussian_weights(win_low).to(image.device)
         positions = [(a, b, c) for a in starts[0] for b in starts[1] for c in starts[2]]
+        return {"window": window, "grid": grid, "padded": padded, "positions": positions}
+
+    def _window_contexts(self, image: torch.Tensor, plan: dict[str, Any],
+                         ) -> Iterator[tuple[tuple[int, int, int], ImageContext]]:
+        """Encode the sliding windows ``sw_batch_size`` at a time; yield (window start, decoder context)."""
+        window, grid, padded, positions = plan["window"], plan["grid"], plan["padded"], plan["positions"]
         with torch.inference_mode():
             resampled = F.interpolate(image[None, None], size=grid, mode="trilinear", align_corners=False)
             resampled = F.pad(resampled, [0, padded[2] - grid[2], 0, padded[1] - grid[1], 0, padded[0] - grid[0]])
-            for first in range(0, len(positions), self.sw_batch_size):
-                batch = positions[first : first + self.sw_batch_size]
+        for first in range(0, len(positions), self.sw_batch_size):
+            batch = positions[first : first + self.sw_batch_size]
+            with torch.inference_mode(), self._autocast():
                 windows = torch.cat([resampled[..., a : a + window[0], b : b + window[1], c : c + window[2]]
                                      for a, b, c in batch])
+                features = self.model.image_encoder(windows)
+                contexts = [self.model.seg_decoder.prepare([f[i : i + 1] for f in features])
+                            for i in range(len(batch))]
+            del features, windows
+            yield from zip(batch, contexts)
+
+    def _sliding_logits(self, contexts: Iterable[tuple[tuple[int, int, int], ImageContext]], plan: dict[str, Any],
+                        text: torch.Tensor) -> torch.Tensor:
+        """Decode every window and blend the logits with Gaussian weights onto one 1/4-resolution canvas."""
+        k = text.shape[0]
+        low = [p // 4 for p in plan["padded"]]
+        win_low = [w // 4 for w in plan["window"]]
+        canvas = torch.zeros((k, *low), dtype=torch.float32, device=text.device)
+        weight = torch.zeros(low, dtype=torch.float32, device=text.device)
+        importance = gaussian_weights(win_low).to(text.device)
+        with torch.inference_mode():
+            for (a, b, c), ctx in contexts:
                 with self._autocast():
-                    features = self.model.image_encoder(windows)
-                for i, (a, b, c) in enumerate(batch):
-                    with self._autocast():
-                        ctx = self.model.seg_decoder.prepare([f[i : i + 1] for f in features])
-                        logits = self._decode(ctx, text)
-                    sl = (slice(a // 4, a // 4 + win_low[0]), slice(b // 4, b // 4 + win_low[1]),
-                          slice(c // 4, c // 4 + win_low[2]))
-                    canvas[(slice(None), *sl)] += logits * importance
-                    weight[sl] += importance
+                    logits = self._decode(ctx, text)
+                sl = (slice(a // 4, a // 4 + win_low[0]), slice(b // 4, b // 4 + win_low[1]),
+                      slice(c // 4, c // 4 + win_low[2]))
+                canvas[(slice(None), *sl)] += logits * importance
+                weight[sl] += importance
             canvas /= weight
-        g = [x // 4 for x in grid]
+        g = [x // 4 for x in plan["grid"]]
         return canvas[:, : g[0], : g[1], : g[2]]
 
+    def _encode(self, image: np.ndarray, spacing: Sequence[float] | None, keep: bool) -> EncodedImage:
+        t0 = time.perf_counter()
+        if image.ndim != 3:
+            raise UsageError(f"expected a 3-D (z, y, x) image, got shape {image.shape}")
+        tensor = torch.as_tensor(np.ascontiguousarray(image), dtype=torch.float32).to(self.device)
+        shape = tuple(int(s) for s in image.shape)
+        if self.mode == "sliding":
+            plan = self._sliding_plan(shape, spacing)
+            windows = self._window_contexts(tensor, plan)
+            contexts: Iterable[tuple[tuple[int, int, int], ImageContext]] = list(windows) if keep else windows
+            encoded = EncodedImage(shape, "sliding", contexts, plan, reusable=keep)  # type: ignore[arg-type]
+        else:
+            with torch.inference_mode(), self._autocast():
+                x = F.interpolate(tensor[None, None], size=tuple(self.model.config.image_size), mode="trilinear",
+                                  align_corners=False)
+                ctx = self.model.encode_image(x)
+            encoded = EncodedImage(shape, "whole", [((0, 0, 0), ctx)], {}, reusable=True)
+        encoded.device = str(self.device)
+        encoded.seconds = time.perf_counter() - t0
+        return encoded
+
     # -- public ----------------------------------------------------------------------------------------------
+    def encode(self, image: np.ndarray, spacing: Sequence[float] | None = None) -> EncodedImage:
+        """Run the image encoder once on a (z, y, x) image normalised to 0..255 (whole volume, or every
+        sliding window); the result is decoded with any prompts by :meth:`segment_encoded`, as often as wanted.
+
+        ``spacing`` (x, y, z mm) is the image's, used by the sliding strategy. Sliding mode keeps every window's
+        decoder context in memory.
+        """
+        return self._encode(image, spacing, keep=True)
+
+    def segment_encoded(self, encoded: EncodedImage, prompts: Sequence[str],
+                        label_values: Sequence[int] | None = None, instance: bool = False,
+                        keep_probabilities: bool = False) -> SegmentationResult:
+        """Decode an encoded image with ``prompts`` into a label map of the image's shape (values 1..K unless
+        given). Each prompt's low-resolution logits are kept on ``encoded``, so a prompt seen before costs
+        only the upsampling and argmax."""
+        prompts, values = self._check_prompts(prompts, label_values)
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        if instance:
+            prompts, values = prompts[:1], [1]
+        todo = [p for p in dict.fromkeys(prompts) if p not in encoded.logits]
+        text = self.embed_prompts(todo) if todo else None
+        timings["text"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        if text is not None:
+            if not encoded.reusable and encoded.used:
+                raise RuntimeError("this EncodedImage was made for one decoding; use Segmenter.encode")
+            encoded.used = True
+            if encoded.mode == "sliding":
+                logits = self._sliding_logits(encoded.contexts, encoded.plan, text)
+            else:
+                with torch.inference_mode():
+                    logits = self._decode(encoded.contexts[0][1], text)  # type: ignore[index]
+            encoded.logits.update(zip(todo, logits))
+        timings["decode"] = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        with torch.inference_mode():
+            stacked = torch.stack([encoded.logits[p] for p in prompts])
+            labels, probs = upsample_argmax(stacked, encoded.shape, values, keep_probabilities)
+        timings["upsample"] = time.perf_counter() - t2
+        timings["total"] = time.perf_counter() - t0
+        return SegmentationResult(labels, values, prompts, probs, encoded.mode, encoded.device, timings)
+
     def segment(self, image: np.ndarray, prompts: Sequence[str], label_values: Sequence[int] | None = None,
                 spacing: Sequence[float] | None = None, instance: bool = False,
                 keep_probabilities: bool = False) -> SegmentationResult:
-        """Segment a (z, y, x) image already normalised to 0..255; label values default to 1..K."""
-        if not prompts:
-            raise UsageError("no prompts given")
-        if any(not str(p).strip() for p in prompts):
-            raise UsageError("empty prompt")
-        values = list(label_values) if label_values is not None else list(range(1, len(prompts) + 1))
-        if len(values) != len(prompts):
-            raise ValueError("one label value per prompt is needed")
+        """Segment a (z, y, x) image already normalised to 0..255; label values default to 1..K.
+
+        :meth:`encode` then :meth:`segment_encoded`, except that sliding windows are encoded and decoded one
+        batch at a time (their contexts are not all kept).
+        """
+        prompts, values = self._check_prompts(prompts, label_values)
         try:
-            return self._segment(image, list(prompts), values, spacing, instance, keep_probabilities)
+            return self._segment(image, prompts, values, spacing, instance, keep_probabilities)
         except torch.cuda.OutOfMemoryError:
             if self.device.type != "cuda":
                 raise
@@ -452,25 +535,34 @@ class Segmenter:
             self.device, self.amp_dtype, self.prompt_batch_size = gpu, amp, batch
             self.model = self.model.to(gpu)
 
+    @staticmethod
+    def _check_prompts(prompts: Sequence[str], label_values: Sequence[int] | None) -> tuple[list[str], list[int]]:
+        if not prompts:
+            raise UsageError("no prompts given")
+        if any(not str(p).strip() for p in prompts):
+            raise UsageError("empty prompt")
+        values = list(label_values) if label_values is not None else list(range(1, len(prompts) + 1))
+        if len(values) != len(prompts):
+            raise ValueError("one label value per prompt is needed")
+        return list(prompts), values
+
     def _segment(self, image: np.ndarray, prompts: list[str], values: list[int],
                  spacing: Sequence[float] | None, instance: bool, keep_probabilities: bool) -> SegmentationResult:
-        timings: dict[str, float] = {}
         t0 = time.perf_counter()
         if instance:
             prompts, values = prompts[:1], [1]
-        text = self.embed_prompts(prompts)
-        timings["text"] = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        tensor = torch.as_tensor(np.ascontiguousarray(image), dtype=torch.float32).to(self.device)
-        logits, mode = self.low_res_logits(tensor, text, spacing)
-        del tensor
-        timings["model"] = time.perf_counter() - t1
-        t2 = time.perf_counter()
-        with torch.inference_mode():
-            labels, probs = upsample_argmax(logits, image.shape, values, keep_probabilities)
-        timings["upsample"] = time.perf_counter() - t2
-        timings["total"] = time.perf_counter() - t0
-        return SegmentationResult(labels, values, prompts, probs, mode, str(self.device), timings)
+        self.embed_prompts(prompts)  # the text encoder first, so "encode" below is the image encoder's time
+        t_text = time.perf_counter() - t0
+        encoded = self._encode(image, spacing, keep=False)
+        result = self.segment_encoded(encoded, prompts, values, keep_probabilities=keep_probabilities)
+        decode = result.timings.pop("decode")
+        encode = encoded.seconds
+        if encoded.mode == "sliding":  # windows were encoded while being decoded
+            encode, decode = 0.0, encoded.seconds + decode
+        result.timings = {"text": t_text + result.timings["text"], "encode": encode, "decode": decode,
+                          "model": encode + decode, "upsample": result.timings["upsample"],
+                          "total": time.perf_counter() - t0}
+        return result
 
 
 def whole_volume_reference(model: Text3DSAM, image: np.ndarray, prompts: Sequence[str],

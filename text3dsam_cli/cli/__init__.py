@@ -8,6 +8,7 @@ from text3dsam_cli.cli import model_cmds as _model_cmds  # noqa: F401  (register
 from text3dsam_cli.cli import prompts as _prompts  # noqa: F401  (registers `prompts`)
 from text3dsam_cli.cli import segment as _segment  # noqa: F401  (registers `segment`)
 from text3dsam_cli.cli import train as _train  # noqa: F401  (registers `train`, `finetune`)
+from text3dsam_cli.cli import view as _view  # noqa: F401  (registers `view`)
 from text3dsam_cli.cli.app import app, main
 
 __all__ = ["app", "main"]

@@ -1,0 +1,362 @@
+"""``text3dsam view``'s API through the ASGI test client: encode once, label map on the input grid, safety."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import DATA
+from typer.testing import CliRunner
+
+pytest.importorskip("starlette", reason="the view extra (starlette) is not installed")
+pytest.importorskip("httpx", reason="httpx (for Starlette's TestClient) is not installed")
+from starlette.testclient import TestClient
+
+from text3dsam_cli.cli import app as cli_app
+from text3dsam_cli.inference import Segmenter
+from text3dsam_cli.io import read_volume
+from text3dsam_cli.view import ViewSession, count_components
+from text3dsam_cli.view.app import STATIC_FILES, create_app
+
+CT = DATA / "nifti" / "totalsegmentator" / "example_ct_sm.nii.gz"
+BASE = "http://127.0.0.1:8765"
+
+
+class EncoderCounter:
+    """Counts forward calls of the model's image encoder (a hook, removed afterwards)."""
+
+    def __init__(self, model):
+        self.calls = 0
+        self._handle = model.image_encoder.register_forward_hook(self._hook)
+
+    def _hook(self, *args):
+        self.calls += 1
+
+    def remove(self):
+        self._handle.remove()
+
+
+@pytest.fixture(scope="module")
+def ct_session(small_model):
+    segmenter = Segmenter(small_model, device="cpu", mode="whole")
+    return ViewSession(segmenter, read_volume(CT))
+
+
+@pytest.fixture()
+def client(ct_session):
+    with TestClient(create_app(ct_session), base_url=BASE, raise_server_exceptions=False) as c:
+        yield c
+
+
+def _post(client, prompts):
+    return client.post("/api/segment", json={"prompts": prompts})
+
+
+def test_second_request_decodes_only_the_new_prompt(small_model):
+    """The image is encoded once per server; a request adding a prompt costs <= 50 % of the first.
+
+    Three fresh servers (new Segmenter: no cached text either), compared by their fastest round, because the
+    test machine is shared and single timings are noisy (one torch thread: no waiting on a descheduled
+    sibling thread); the encoder call count is exact.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rounds = [_first_and_second_request(small_model) for _ in range(3)]
+    finally:
+        torch.set_num_threads(threads)
+    firsts, seconds = [r[3] for r in rounds], [r[4] for r in rounds]
+    _, second, third, _, _ = rounds[-1]
+    print(f"first requests {[round(t, 3) for t in firsts]} s, second {[round(t, 3) for t in seconds]} s: "
+          f"{min(seconds) / min(firsts):.0%}")
+    assert min(seconds) <= 0.5 * min(firsts)
+    labels = second.json()["labels"]
+    assert [(r["label"], r["prompt"]) for r in labels] == [(1, "liver"), (2, "spleen")]
+    assert {"voxels", "volume_ml", "components"} <= set(labels[0])
+    assert [r["prompt"] for r in third.json()["labels"]] == ["spleen", "liver", "aorta"]
+
+
+def _first_and_second_request(small_model):
+    """One fresh server: times of the first request (encoding + 1 prompt) and of one adding a new prompt."""
+    session = ViewSession(Segmenter(small_model, device="cpu", mode="whole"), read_volume(CT))
+    counter = EncoderCounter(small_model)
+    try:
+        with TestClient(create_app(session), base_url=BASE) as client:
+            t0 = time.perf_counter()
+            first = _post(client, ["liver"])
+            t1 = time.perf_counter()
+            second = _post(client, ["liver", "spleen"])
+            t2 = time.perf_counter()
+            third = _post(client, ["spleen", "liver", "aorta"])
+    finally:
+        counter.remove()
+    assert first.status_code == second.status_code == third.status_code == 200, first.text
+    assert counter.calls == 1
+    assert first.json()["timings"]["encode"] > 0
+    assert second.json()["timings"]["encode"] == 0 == third.json()["timings"]["encode"]
+    return first, second, third, t1 - t0, t2 - t1
+
+
+def test_label_map_is_on_the_input_grid_and_equals_segment(client, small_checkpoint, tmp_path):
+    answer = _post(client, ["liver", "spleen"])
+    assert answer.status_code == 200, answer.text
+    download = client.get("/api/labels.nii.gz")
+    assert download.status_code == 200
+    assert download.headers["content-type"] == "application/gzip"
+    served = tmp_path / "served.nii.gz"
+    served.write_bytes(download.content)
+
+    written = tmp_path / "seg.nii.gz"
+    result = CliRunner().invoke(cli_app, ["segment", str(CT), "liver", "spleen", "-m", str(small_checkpoint),
+                                          "--device", "cpu", "--mode", "whole", "-o", str(written)])
+    assert result.exit_code == 0, result.output
+    a, b, ct = (sitk.ReadImage(str(p)) for p in (served, written, CT))
+    for image in (a, b):
+        assert image.GetSize() == ct.GetSize()
+        assert image.GetSpacing() == ct.GetSpacing()
+        assert image.GetOrigin() == ct.GetOrigin()
+        assert image.GetDirection() == ct.GetDirection()
+    assert a.GetPixelID() == b.GetPixelID()
+    served_labels, written_labels = sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b)
+    assert np.array_equal(served_labels, written_labels)
+    rows = {r["label"]: r for r in answer.json()["labels"]}
+    for value in (1, 2):
+        assert rows[value]["voxels"] == int((written_labels == value).sum())
+
+    sidecar = client.get("/api/sidecar.json")
+    assert sidecar.status_code == 200
+    ours, theirs = sidecar.json(), json.loads((tmp_path / "seg.json").read_text())
+    assert ours["labels"] == theirs["labels"]
+    assert ours["prompts"] == theirs["prompts"] and ours["geometry"] == theirs["geometry"]
+    assert ours["modality"] == theirs["modality"]
+
+
+def test_image_is_the_scan_on_its_own_grid(client):
+    download = client.get("/api/image.nii.gz")
+    assert download.status_code == 200
+    import gzip
+
+    import nibabel as nib
+
+    image = nib.Nifti1Image.from_bytes(gzip.decompress(download.content))
+    original = nib.load(str(CT))
+    np.testing.assert_allclose(image.affine, original.affine, atol=1e-4)
+    assert np.array_equal(np.asarray(image.dataobj), np.asarray(original.dataobj))
+
+
+def test_page_and_assets_are_served_offline(client):
+    page = client.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    assert "http://" not in page.text and "https://" not in page.text
+    for name in STATIC_FILES:
+        response = client.get(f"/static/{name}")
+        assert response.status_code == 200, name
+    script = client.get("/static/app.js").text
+    assert 'from "/static/niivue/niivue.js"' in script
+    assert "https://" not in script and "http://" not in script
+    assert "0.69.0" in client.get("/static/niivue/VERSION").text
+    info = client.get("/api/info").json()
+    assert info["modality"]["modality"] == "CT" and "soft tissue" in info["window_presets"]
+
+
+@pytest.mark.parametrize("path", [
+    "/static/../view/session.py", "/static/%2e%2e/%2e%2e/pyproject.toml", "/static/..%2f..%2fpyproject.toml",
+    "/static//etc/passwd", "/static/%2fetc%2fpasswd", "/static/niivue/../../app.py", "/etc/passwd",
+    "/static/index.html/..", "/api/../pyproject.toml", "/static/C:%5cWindows%5cwin.ini", "/static/niivue",
+    "/static/niivue/index.js.map", "/static/niivue/niivue.js.map", "/static/__init__.py",
+])
+def test_no_other_file_is_served(client, path):
+    response = client.get(path)
+    assert response.status_code == 404, (path, response.status_code)
+    assert response.headers["content-type"] == "application/json"
+    assert "error" in response.json()
+
+
+@pytest.mark.parametrize(("body", "content_type", "status"), [
+    (b"{not json", "application/json", 400),
+    (b'["liver"]', "application/json", 400),
+    (b'{"prompt": ["liver"]}', "application/json", 400),
+    (b'{"prompts": "liver"}', "application/json", 400),
+    (b'{"prompts": [1, 2]}', "application/json", 400),
+    (b'{"prompts": ["  "]}', "application/json", 400),
+    (b'{"prompts": ["liver", "liver"]}', "application/json", 400),
+    (b'{"prompts": ["liver"], "extra": 1}', "application/json", 400),
+    (json.dumps({"prompts": ["x"] * 65}).encode(), "application/json", 400),
+    (json.dumps({"prompts": ["x" * 501]}).encode(), "application/json", 400),
+    (b'{"prompts": ["' + b"x" * 70000 + b'"]}', "application/json", 413),
+    (b'{"prompts": ["liver"]}', "text/plain", 415),
+])
+def test_bad_requests_get_json_4xx(client, body, content_type, status):
+    response = client.post("/api/segment", content=body, headers={"Content-Type": content_type})
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert response.json()["error"]
+    assert "Traceback" not in response.text
+
+
+def test_wrong_method_wrong_host_and_early_sidecar_are_json_errors(small_model):
+    session = ViewSession(Segmenter(small_model, device="cpu", mode="whole"), read_volume(CT))
+    with TestClient(create_app(session), base_url=BASE) as client:
+        assert client.get("/api/segment").status_code == 405
+        assert client.get("/api/segment").json()["error"]
+        early = client.get("/api/sidecar.json")
+        assert early.status_code == 400 and "no prompts" in early.json()["error"]
+        empty = client.get("/api/labels.nii.gz")  # before any prompt: an all-zero map on the input grid
+        assert empty.status_code == 200
+        assert client.get("/api/vocabulary?limit=x").status_code == 400
+    with TestClient(create_app(session), base_url="http://evil.example:8765") as client:
+        response = client.get("/api/info")
+        assert response.status_code == 400 and response.json()["error"] == "invalid Host header"
+
+
+def test_a_bug_is_a_json_500_without_traceback(ct_session, monkeypatch):
+    def broken(prompts):
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(ct_session, "segment", broken)
+    with TestClient(create_app(ct_session), base_url=BASE, raise_server_exceptions=False) as client:
+        response = _post(client, ["liver"])
+    assert response.status_code == 500
+    assert response.json()["error"].startswith("internal error (RuntimeError)")
+    assert "secret" not in response.text and "Traceback" not in response.text
+
+
+def test_no_prompts_clears_the_map(client):
+    assert _post(client, ["liver"]).status_code == 200
+    cleared = _post(client, [])
+    assert cleared.status_code == 200 and cleared.json()["labels"] == []
+    assert client.get("/api/sidecar.json").status_code == 400
+
+
+def test_vocabulary_suggestions(client):
+    answer = client.get("/api/vocabulary", params={"q": "kidney", "modality": "CT", "limit": 5})
+    assert answer.status_code == 200, answer.text
+    suggestions = answer.json()["suggestions"]
+    assert 0 < len(suggestions) <= 5
+    assert "kidney" in suggestions[0]["name"].lower()
+    assert all(s["modality"] == "CT" for s in suggestions)
+    everything = client.get("/api/vocabulary", params={"limit": 200}).json()["suggestions"]
+    assert len(everything) > len(suggestions)
+    assert client.get("/api/vocabulary", params={"q": "x" * 201}).status_code == 400
+
+
+def test_count_components():
+    mask = np.zeros((5, 5, 5), dtype=bool)
+    assert count_components(mask) == 0
+    mask[0, 0, 0] = mask[1, 1, 1] = True  # diagonal neighbours: one component (26-connectivity)
+    mask[4, 4, 4] = True
+    assert count_components(mask) == 2
+
+
+def test_segment_encoded_matches_segment(small_model):
+    """encode once + segment_encoded gives exactly segment's labels, in both strategies."""
+    volume = read_volume(CT)
+    from text3dsam_cli.pipeline import prepare_scan
+
+    scan = prepare_scan(volume)
+    for mode in ("whole", "sliding"):
+        segmenter = Segmenter(small_model, device="cpu", mode=mode, spacing=(3.0, 3.0, 3.0))
+        direct = segmenter.segment(scan.image, ["liver", "spleen"], spacing=scan.spacing)
+        encoded = segmenter.encode(scan.image, scan.spacing)
+        first = segmenter.segment_encoded(encoded, ["spleen"], [2])
+        both = segmenter.segment_encoded(encoded, ["liver", "spleen"])
+        assert np.array_equal(both.labels, direct.labels), mode
+        assert set(encoded.logits) == {"liver", "spleen"}
+        assert first.labels.shape == direct.labels.shape
+        assert {"text", "encode", "decode", "upsample", "total"} <= set(direct.timings)
+
+
+# -- the command ------------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_view_command_warns_for_other_hosts_and_refuses_a_busy_port(small_checkpoint):
+    runner = CliRunner()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = runner.invoke(cli_app, ["view", str(CT), "-m", str(small_checkpoint), "--no-browser",
+                                         "--port", str(port)])
+    assert result.exit_code == 2
+    assert f"port {port} on 127.0.0.1 is in use" in result.output
+    result = runner.invoke(cli_app, ["view", str(CT), "-m", str(small_checkpoint), "--no-browser",
+                                     "--host", "0.0.0.0", "--port", "0"])
+    assert "warning: listening on 0.0.0.0" in " ".join(result.output.split())
+    assert result.exit_code == 2
+
+
+def test_view_command_names_a_bad_input(small_checkpoint, tmp_path):
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"not an image")
+    for path in (broken, tmp_path / "missing.nii.gz"):
+        result = CliRunner().invoke(cli_app, ["view", str(path), "-m", str(small_checkpoint), "--no-browser",
+                                              "--port", str(_free_port())])
+        assert result.exit_code != 0
+        assert str(path) in " ".join(result.output.split()) and "Traceback" not in result.output
+
+
+def test_view_command_refuses_a_folder_of_several_inputs(small_checkpoint, tmp_path):
+    for name in ("a.nii.gz", "b.nii.gz"):
+        (tmp_path / name).write_bytes(CT.read_bytes())
+    result = CliRunner().invoke(cli_app, ["view", str(tmp_path), "-m", str(small_checkpoint), "--no-browser",
+                                          "--port", str(_free_port())])
+    assert result.exit_code == 2
+    assert "view shows one scan" in result.output
+
+
+@pytest.mark.slow
+def test_view_command_serves_on_loopback_opens_the_browser_and_stops_on_ctrl_c(small_checkpoint, tmp_path):
+    port = _free_port()
+    opened = tmp_path / "opened.txt"
+    fake_browser = tmp_path / "browser.py"  # what $BROWSER names is what webbrowser.open runs
+    fake_browser.write_text(f"import sys, pathlib; pathlib.Path({str(opened)!r}).write_text(sys.argv[1])\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "BROWSER": f"{sys.executable} {fake_browser} %s"}
+    proc = subprocess.Popen([sys.executable, "-m", "text3dsam_cli", "view", str(CT), "-m", str(small_checkpoint),
+                             "--device", "cpu", "--port", str(port)],
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 180
+        while not (any("viewer at" in line for line in lines) and opened.exists()):
+            assert proc.poll() is None, "".join(lines)
+            assert time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.2)
+        assert url in "".join(lines)
+        assert opened.read_text() == url
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"GET /static/../../../../etc/passwd HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            raw = b""
+            while chunk := sock.recv(65536):
+                raw += chunk
+        assert raw.startswith(b"HTTP/1.1 404") and b"root:" not in raw
+        import httpx
+
+        answer = httpx.post(f"{url}api/segment", json={"prompts": ["liver"]}, timeout=120)
+        assert answer.status_code == 200 and answer.json()["timings"]["encode"] == 0  # encoded at start-up
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(timeout=5)
+    text = "".join(lines)
+    assert "viewer stopped" in text and "Traceback" not in text
