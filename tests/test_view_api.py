@@ -24,7 +24,8 @@ from starlette.testclient import TestClient
 from text3dsam_cli.cli import app as cli_app
 from text3dsam_cli.inference import Segmenter
 from text3dsam_cli.io import read_volume
-from text3dsam_cli.view import ViewSession, count_components
+from text3dsam_cli.quality import assess_labels
+from text3dsam_cli.view import ViewSession
 from text3dsam_cli.view.app import STATIC_FILES, create_app
 
 CT = DATA / "nifti" / "totalsegmentator" / "example_ct_sm.nii.gz"
@@ -252,12 +253,13 @@ def test_vocabulary_suggestions(client):
     assert client.get("/api/vocabulary", params={"q": "x" * 201}).status_code == 400
 
 
-def test_count_components():
-    mask = np.zeros((5, 5, 5), dtype=bool)
-    assert count_components(mask) == 0
-    mask[0, 0, 0] = mask[1, 1, 1] = True  # diagonal neighbours: one component (26-connectivity)
-    mask[4, 4, 4] = True
-    assert count_components(mask) == 2
+def test_legend_components_are_the_quality_report():
+    """The legend counts components with segment's quality report (26-connectivity)."""
+    labels = np.zeros((5, 5, 5), dtype=np.uint8)
+    assert assess_labels(labels, [1], 1.0)[1]["components"] == 0
+    labels[0, 0, 0] = labels[1, 1, 1] = 1  # diagonal neighbours: one component (26-connectivity)
+    labels[4, 4, 4] = 1
+    assert assess_labels(labels, [1], 1.0)[1]["components"] == 2
 
 
 def test_segment_encoded_matches_segment(small_model):

@@ -5,6 +5,6 @@
 runs that with uvicorn (both need the ``view`` extra: ``pip install 'text3dsam-cli[view]'``).
 """
 
-from text3dsam_cli.view.session import CT_PRESETS, ViewSession, check_prompts, count_components, read_input
+from text3dsam_cli.view.session import CT_PRESETS, ViewSession, check_prompts, read_input
 
-__all__ = ["CT_PRESETS", "ViewSession", "check_prompts", "count_components", "read_input"]
+__all__ = ["CT_PRESETS", "ViewSession", "check_prompts", "read_input"]

@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
 from text3dsam_cli.errors import UsageError
 from text3dsam_cli.inference import EncodedImage, SegmentationResult, Segmenter
 from text3dsam_cli.io import InputItem, Volume, expand_inputs, read_volume, strip_image_suffix, write_volume
 from text3dsam_cli.pipeline import PreparedScan, build_sidecar, label_statistics, prepare_scan
 from text3dsam_cli.preprocess import DEFAULT_WINDOW
+from text3dsam_cli.quality import assess_labels
 
 #: Most prompts one request may carry, and the longest prompt (characters).
 MAX_PROMPTS = 64
@@ -37,17 +37,6 @@ def nifti_bytes(volume: Volume) -> bytes:
     with tempfile.TemporaryDirectory(prefix="text3dsam-view-") as folder:
         path = write_volume(volume, Path(folder) / "volume.nii.gz")
         return path.read_bytes()
-
-
-def count_components(mask: np.ndarray) -> int:
-    """Connected components (26-connectivity) of a boolean mask, counted inside its bounding box."""
-    if not mask.any():
-        return 0
-    box = []
-    for axis in range(3):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
-    return int(ndimage.label(mask[tuple(box)], structure=np.ones((3, 3, 3), dtype=bool))[1])
 
 
 class ViewSession:
@@ -112,14 +101,17 @@ class ViewSession:
 
     # -- answers ----------------------------------------------------------------------------------------------
     def labels(self) -> list[dict[str, Any]]:
-        """Per prompt: label value, prompt, voxels, volume in ml and connected components (legend rows)."""
+        """Per prompt: label value, prompt, voxels, volume in ml and the quality report (legend rows)."""
         result = self.result
         if result is None:
             return []
-        rows = label_statistics(result.labels, result.label_values, result.prompts, self.volume.voxel_volume_ml)
-        for row in rows:
-            row["components"] = count_components(result.labels == row["label"])
-        return rows
+        return label_statistics(result.labels, result.label_values, result.prompts, self.volume.voxel_volume_ml,
+                                self._quality())
+
+    def _quality(self) -> dict[int, dict[str, Any]]:
+        """The :mod:`~text3dsam_cli.quality` report of the current label map (components, border, ...)."""
+        assert self.result is not None
+        return assess_labels(self.result.labels, self.result.label_values, self.volume.voxel_volume_ml)
 
     def describe(self) -> dict[str, Any]:
         """The ``POST /api/segment`` answer for the current state."""
@@ -166,7 +158,8 @@ class ViewSession:
             if self.result is None:
                 raise UsageError("no prompts yet: add a prompt first")
             return build_sidecar(self.item, self.volume, self.result, dict(self.segmenter.model.source),
-                                 self.scan.describe(), {"labels": "labels.nii.gz"}, self.last_timings)
+                                 self.scan.describe(), {"labels": "labels.nii.gz"}, self.last_timings,
+                                 self.scan.orientation, self._quality())
 
 
 def read_input(input: str, series_uid: str | None = None) -> tuple[InputItem, Volume]:
