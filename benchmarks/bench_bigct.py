@@ -25,7 +25,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,21 +32,8 @@ SHARED = ROOT.parent / "shared"
 CASE = SHARED / "data" / "challenge" / "CT_AMOS_amos_0018.npz"
 PROMPTS = 14
 
-#: Runs a command-line (or Python snippet) and appends its own peak RSS to a JSON file at exit.
-RSS_WRAPPER = r"""
-import atexit, json, resource, runpy, sys
-out = sys.argv[1]
-def _report():
-    with open(out, "w") as f:
-        json.dump({"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}, f)
-atexit.register(_report)
-mode, target = sys.argv[2], sys.argv[3]
-sys.argv = [target, *sys.argv[4:]]
-if mode == "module":
-    runpy.run_module(target, run_name="__main__", alter_sys=True)
-else:
-    runpy.run_path(target, run_name="__main__")
-"""
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_segment import whole_process  # noqa: E402  (one definition of the whole-process timer)
 
 IO_FLOOR = r"""
 import sys
@@ -83,18 +69,6 @@ def prompts() -> list[str]:
 
     texts, _, _ = prompts_for(read_challenge_npz(CASE), [])
     return texts[:PROMPTS]
-
-
-def timed(args: list[str], tmp: Path, env: dict[str, str] | None = None) -> dict:
-    """Wall time and peak RSS of one whole process."""
-    report = tmp / f"rss-{time.monotonic_ns()}.json"
-    t = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", RSS_WRAPPER, str(report), *args], capture_output=True, text=True,
-                          env=env)
-    seconds = time.perf_counter() - t
-    if proc.returncode:
-        raise SystemExit(f"failed: {' '.join(args)}\n{proc.stderr[-3000:]}")
-    return {"seconds": seconds, "rss_mb": json.loads(report.read_text())["rss_mb"]}
 
 
 def exact_worker(checkpoint: str, ct: str, out: str, device: str, threads: int) -> None:
@@ -154,11 +128,11 @@ def main() -> None:
         seg = ["module", "text3dsam_cli", "segment", str(ct), *prompts(), "-m", str(checkpoint), "--mode", "whole",
                *orientation, "--device", args.device, "--threads", str(args.threads), "-q",
                "-o", str(tmp / "ours.nii.gz")]
-        timed(seg, tmp, env)  # warm-up: fills the prompt-embedding store and the page cache
+        whole_process(seg, tmp, env)  # warm-up: fills the prompt-embedding store and the page cache
         floors, ours = [], []
         for _ in range(args.repeat):  # interleaved, so both see the same machine load
-            floors.append(timed(["path", str(floor_script), str(ct), str(tmp / "floor.nii.gz")], tmp, env))
-            ours.append(timed(seg, tmp, env))
+            floors.append(whole_process(["path", str(floor_script), str(ct), str(tmp / "floor.nii.gz")], tmp, env))
+            ours.append(whole_process(seg, tmp, env))
         subprocess.run([sys.executable, __file__, "--exact-worker", str(checkpoint), str(ct), str(tmp / "exact.npy"),
                         "--device", args.device, "--threads", str(args.threads)], check=True, env=env)
         exact = np.load(tmp / "exact.npy")
