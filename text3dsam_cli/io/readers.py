@@ -413,17 +413,9 @@ def _check_nrrd_complete(path: Path, needed: int) -> None:
     if fields.get("encoding", "").lower() != "raw":
         return  # compressed: the voxel limit bounds what decompression can allocate
     data_file = fields.get("data file") or fields.get("datafile")
-    if data_file is None:
-        where, available = path, path.stat().st_size - header_end
-    else:
-        if data_file.startswith("LIST") or "%" in data_file or " " in data_file:
-            return
-        where = path.parent / data_file
-        if not where.is_file():
-            raise InputError(f"the NRRD data file {data_file!r} is missing", path)
-        available = where.stat().st_size
-    if available < needed:
-        raise InputError(f"truncated NRRD data ({available} bytes, the header needs {needed})", where)
+    if data_file is not None and " " in data_file:
+        return
+    _check_data_size(path, None if data_file is None else data_file, header_end, needed, "NRRD")
 
 
 _MET_SIZES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
@@ -468,15 +460,20 @@ def _check_metaimage_complete(path: Path) -> None:
         needed = int(size_text)
     else:
         needed = int(np.prod(dims, dtype=np.int64)) * channels * item
-    if data_file == "LOCAL":
-        available = path.stat().st_size - header_end
-        where = path
+    _check_data_size(path, None if data_file == "LOCAL" else data_file, header_end, needed, "MetaImage")
+
+
+def _check_data_size(path: Path, data_file: str | None, header_end: int, needed: int, name: str) -> None:
+    """Refuse a header/data image whose data (after the header, or in ``data_file`` beside it) is shorter than
+    the ``needed`` bytes its header announces. File lists and patterns are not checked."""
+    if data_file is None:
+        where, available = path, path.stat().st_size - header_end
     else:
         if "%" in data_file or data_file.startswith("LIST"):
             return
         where = path.parent / data_file
         if not where.is_file():
-            raise InputError(f"the MetaImage data file {data_file!r} is missing", path)
+            raise InputError(f"the {name} data file {data_file!r} is missing", path)
         available = where.stat().st_size
     if available < needed:
-        raise InputError(f"truncated MetaImage data ({available} bytes, the header needs {needed})", where)
+        raise InputError(f"truncated {name} data ({available} bytes, the header needs {needed})", where)
