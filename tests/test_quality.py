@@ -122,3 +122,45 @@ def test_segment_cleanup_applies_to_every_output_and_prints_a_table(small_checkp
     bad = runner.invoke(app, ["segment", str(CT), "liver", "-m", str(small_checkpoint), "-o",
                               str(tmp_path / "b.nii.gz"), "--min-size-ml", "-1"])
     assert bad.exit_code == 2 and "--min-size-ml" in bad.stderr and not (tmp_path / "b.nii.gz").exists()
+
+
+def _reference_report(labels: np.ndarray, values: list[int], ml: float, largest: bool, min_ml: float | None):
+    """Per-label scipy labelling: the definition the one-pass implementation must reproduce."""
+    cleaned = labels.copy()
+    report = {}
+    for value in values:
+        components, count = ndimage.label(labels == value, structure=FULL)
+        sizes = np.bincount(components.ravel(), minlength=count + 1)[1:]
+        keep = np.ones(count, bool)
+        if largest and count > 1:
+            keep[:] = False
+            keep[int(np.argmax(sizes))] = True  # scipy numbers components in raster order too
+        if min_ml:
+            keep &= sizes * ml >= min_ml
+        cleaned[np.isin(components, np.flatnonzero(~keep) + 1)] = 0
+        kept = np.isin(components, np.flatnonzero(keep) + 1)
+        entry = {"components": int(keep.sum()),
+                 "largest_component_ml": round(float(sizes[keep].max()) * ml, 4) if keep.any() else 0.0,
+                 "touches_border": _on_outer_face(kept)}
+        if largest or min_ml:
+            entry["removed_ml"] = round(float(sizes[~keep].sum()) * ml, 4)
+        report[value] = entry
+    return report, cleaned
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_one_pass_matches_per_label_definition_on_random_maps(seed):
+    """Scattered multi-label maps with equal-sized components (ties) and touching labels of different values."""
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(n) for n in rng.integers(6, 20, size=3))
+    labels = rng.integers(0, 4, size=shape).astype(np.uint8)
+    labels[rng.random(shape) < 0.75] = 0
+    labels[1:3, 1:3, 1:3] = 3  # two 8-voxel blocks of one label: a tie for the largest component
+    labels[-3:-1, -3:-1, -3:-1] = 3
+    values = [1, 2, 3, 7]  # 7 is absent
+    for largest, min_ml in ((False, None), (True, None), (False, 0.004), (True, 0.004)):
+        got_map = labels.copy()
+        got = assess_labels(got_map, values, 0.001, largest_component=largest, min_size_ml=min_ml)
+        want, want_map = _reference_report(labels, values, 0.001, largest, min_ml)
+        assert got == want, (seed, largest, min_ml)
+        assert np.array_equal(got_map, want_map), (seed, largest, min_ml)

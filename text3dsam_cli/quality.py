@@ -5,9 +5,10 @@ lies on the volume's outer face: the structure may continue outside the field of
 anything is written, :func:`assess_labels` keeps only the largest component of each label and/or drops
 components smaller than a volume in ml; removed voxels become background (0).
 
-Each label is analysed inside its own bounding box (one ``scipy.ndimage.find_objects`` pass over the map),
-never the whole volume per label; components are labelled with ``connected-components-3d`` (cc3d), measured
-4-6x faster than ``scipy.ndimage.label`` on a 300x512x512 map (see ``docs/dependencies.md``).
+One pass labels the components of every label value at once (``connected-components-3d`` multi-label mode:
+touching voxels of different values are different components), a second gives each component's size and
+bounding box (``cc3d.statistics``). That costs the same whatever the labels look like; the earlier per-label
+pass cost one whole-volume labelling per prompt when masks were scattered (see ``docs/performance.md``).
 """
 
 from __future__ import annotations
@@ -17,22 +18,24 @@ from typing import Any
 
 import cc3d
 import numpy as np
-from scipy import ndimage
 
 CONNECTIVITY = 26
 
 
-def _boxes(labels: np.ndarray, values: Sequence[int]) -> dict[int, tuple[slice, ...]]:
-    """Bounding box of each label value present (absent values are left out)."""
-    top = max((int(v) for v in values), default=0)
-    if top <= 0 or labels.size == 0:
-        return {}
-    found = ndimage.find_objects(labels, max_label=top)
-    return {int(v): found[int(v) - 1] for v in values if 0 < int(v) <= top and found[int(v) - 1] is not None}
+def _components(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Component map, and per component id (0 = background): owning label value, voxel count, border contact.
 
-
-def _touches_border(box: tuple[slice, ...], shape: tuple[int, ...]) -> bool:
-    return any(s.start == 0 or s.stop == n for s, n in zip(box, shape))
+    cc3d numbers components in raster order of their first voxel, so a lower id is earlier in raster order.
+    """
+    components, count = cc3d.connected_components(labels, connectivity=CONNECTIVITY, return_N=True)
+    stats = cc3d.statistics(components, no_slice_conversion=True)
+    sizes = np.asarray(stats["voxel_counts"], dtype=np.int64)[: count + 1]
+    boxes = np.asarray(stats["bounding_boxes"], dtype=np.int64)[: count + 1].reshape(-1, 3, 2)  # (min, max) per axis
+    owner = np.zeros(count + 1, dtype=labels.dtype)
+    owner[components.reshape(-1)] = labels.reshape(-1)
+    last = np.asarray(labels.shape, dtype=np.int64) - 1
+    border = ((boxes[:, :, 0] == 0) | (boxes[:, :, 1] == last)).any(axis=1)
+    return components, owner, sizes, border
 
 
 def assess_labels(labels: np.ndarray, values: Sequence[int], voxel_ml: float, largest_component: bool = False,
@@ -45,36 +48,39 @@ def assess_labels(labels: np.ndarray, values: Sequence[int], voxel_ml: float, la
     """
     clean = largest_component or (min_size_ml is not None and min_size_ml > 0)
     report: dict[int, dict[str, Any]] = {}
-    boxes = _boxes(labels, values)
-    for value in (int(v) for v in values):
+    wanted = [int(v) for v in values]
+    present = labels.size > 0 and any(v > 0 for v in wanted)
+    if present:
+        components, owner, sizes, border = _components(labels)
+        drop = np.zeros(owner.shape, dtype=bool)
+    for value in wanted:
         entry: dict[str, Any] = {"components": 0, "largest_component_ml": 0.0, "touches_border": False}
         if clean:
             entry["removed_ml"] = 0.0
         report[value] = entry
-        box = boxes.get(value)
-        if box is None:
+        if not present or value <= 0:
             continue
-        region = labels[box]  # a view: clean-up writes through it
-        components, count = cc3d.connected_components(region == value, connectivity=CONNECTIVITY, return_N=True)
-        sizes = np.bincount(components.ravel(), minlength=count + 1)[1:]
-        keep = np.ones(count, dtype=bool)
-        if largest_component and count > 1:
+        ids = np.flatnonzero(owner == value)
+        ids = ids[ids > 0]
+        if ids.size == 0:
+            continue
+        keep = np.ones(ids.size, dtype=bool)
+        if largest_component and ids.size > 1:
             keep[:] = False
-            keep[int(np.argmax(sizes))] = True
+            keep[int(np.argmax(sizes[ids]))] = True  # first maximum = first in raster order
         if min_size_ml is not None and min_size_ml > 0:
-            keep &= sizes * voxel_ml >= min_size_ml
+            keep &= sizes[ids] * voxel_ml >= min_size_ml
         if not keep.all():
-            drop = np.concatenate([[False], ~keep])
-            region[drop[components]] = 0
-            entry["removed_ml"] = round(float(sizes[~keep].sum()) * voxel_ml, 4)
-            sizes = sizes[keep]
-            remaining = ndimage.find_objects((region == value).astype(np.uint8))
-            if not remaining or remaining[0] is None:
-                continue
-            box = tuple(slice(b.start + r.start, b.start + r.stop) for b, r in zip(box, remaining[0]))
-        entry["components"] = int(sizes.size)
-        entry["largest_component_ml"] = round(float(sizes.max()) * voxel_ml, 4)
-        entry["touches_border"] = _touches_border(box, labels.shape)
+            drop[ids[~keep]] = True
+            entry["removed_ml"] = round(float(sizes[ids[~keep]].sum()) * voxel_ml, 4)
+            ids = ids[keep]
+        if ids.size == 0:
+            continue
+        entry["components"] = int(ids.size)
+        entry["largest_component_ml"] = round(float(sizes[ids].max()) * voxel_ml, 4)
+        entry["touches_border"] = bool(border[ids].any())
+    if present and drop.any():
+        labels[drop[components]] = 0
     return report
 
 

@@ -173,7 +173,9 @@ class PositionEmbeddingRandom(nn.Module):
 
     def __init__(self, num_pos_feats: int) -> None:
         super().__init__()
-        self.register_buffer("positional_encoding_gaussian_matrix", torch.randn(3, num_pos_feats))
+        # empty + normal_ draws what torch.randn draws, and lets a skeleton build skip the draw (and torch's
+        # meta-device reference path for randn, which imports sympy).
+        self.register_buffer("positional_encoding_gaussian_matrix", nn.init.normal_(torch.empty(3, num_pos_feats)))
 
     def forward(self, size: tuple[int, int, int]) -> torch.Tensor:
         """(C, D, H, W) encoding of the voxel centres of a grid of ``size``."""
