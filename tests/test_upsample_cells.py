@@ -80,3 +80,48 @@ def test_cuda_oom_retries_one_image_on_cpu_then_returns(small_model, monkeypatch
     assert result.labels.shape == image.shape
     assert moves == ["cpu", "cuda"]  # retried on the CPU, then back to the GPU
     assert segmenter.device.type == "cuda" and segmenter.prompt_batch_size == 4 and not segmenter._prompt_cache
+
+
+def _authors_rule(logits: torch.Tensor, shape: tuple[int, int, int]) -> np.ndarray:
+    """pred.py's rule in plain torch: trilinear logits, float32 sigmoid, strict running maximum, background last."""
+    probs = torch.sigmoid(torch.nn.functional.interpolate(logits[None], size=shape, mode="trilinear",
+                                                          align_corners=False)[0])
+    best = torch.zeros(shape)
+    index = torch.zeros(shape, dtype=torch.int64)
+    for j in range(probs.shape[0]):
+        better = probs[j] > best
+        best = torch.where(better, probs[j], best)
+        index[better] = j + 1
+    index[(1 - best) >= best] = 0
+    return index.numpy()
+
+
+def test_dense_path_beyond_one_int32_key_group_keeps_first_prompt_ties():
+    """More prompts than one packed key holds (127): groups carry the running best, saturated ties stay first."""
+    gen = torch.Generator().manual_seed(3)
+    k = 140
+    logits = torch.randn(k, 3, 4, 4, generator=gen) * 6
+    logits[:5] = logits[:5].clamp(max=10.0)  # earlier prompts stay below saturation
+    logits[5] = 40.0  # saturated everywhere ...
+    logits[130] = 40.0  # ... and again in the second group: prompt 6 must keep every voxel
+    shape = (5, 9, 7)
+    labels, probs = upsample_argmax_dense(logits, shape, list(range(1, k + 1)), keep_probabilities=True,
+                                          chunk_voxels=300)
+    assert labels.dtype == np.uint8 and (labels == 6).all()
+    logits[5] = logits[130] = -40.0
+    labels, probs = upsample_argmax_dense(logits, shape, list(range(1, k + 1)), keep_probabilities=True,
+                                          chunk_voxels=300)
+    expected = _authors_rule(logits, shape)
+    assert (labels.astype(np.int64) == expected).mean() >= 0.99 and (expected > 127).any()
+    assert (labels > 127).any()
+    assert probs.shape == (k, *shape)
+
+
+@pytest.mark.parametrize("shape", [(9, 40, 33), (4, 3, 70)])
+def test_dense_path_matches_the_authors_rule_in_blocks(shape):
+    logits = torch.cat([_smooth_logits(6, 4, scale=8.0), torch.full((1, 8, 12, 10), 30.0)])
+    values = list(range(1, 8))
+    for block in (50, 1000, 1 << 19):
+        labels, _ = upsample_argmax_dense(logits[:, :4, :5, :6], shape, values, chunk_voxels=block)
+        expected = _authors_rule(logits[:, :4, :5, :6], shape)
+        assert (labels == expected).mean() >= 0.999, block

@@ -11,6 +11,7 @@ argmax over [background, prompt 1, ..., prompt K] with ties going to the earlier
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -75,8 +76,12 @@ def _source_index(in_size: int, out_size: int, device: torch.device) -> tuple[to
     return i0, i1, (src - i0).to(torch.float32)
 
 
-#: Work per voxel and prompt of the cell path relative to the dense path (measured on 2 CPU cores: 5-12).
-CELL_PATH_COST = 8.0
+#: Work per voxel and live prompt of the cell path relative to the dense path's per voxel and prompt, and the
+#: cell path's fixed share (filling every voxel from its cell) as a fraction of the dense path's whole cost.
+#: Measured on one CPU thread, 63x512x512 output, 15 prompts, smooth logits with 2-86 % of cells live:
+#: cell path = (0.26 + 20..35 x work share) of the dense path (benchmarks/README.md, upsampling).
+CELL_PATH_COST = 25.0
+CELL_PATH_FIXED = 0.25
 #: Margin (in logits) by which a decision must hold at a cell's corners to be trusted inside the cell.
 CELL_MARGIN = 0.05
 #: Below this logit float32 probabilities are far from saturation: a CELL_MARGIN logit gap is many ulps apart.
@@ -135,8 +140,8 @@ def _labels_in_cells(flat: torch.Tensor, flat_shape: tuple[int, int, int, int], 
     ``flat`` (K+1, d*h*w) logits with a last row of "no prompt" (-1e4); ``cells`` (U, 3) low-res cell
     coordinates; ``prompts`` (R, U) prompt indices to evaluate per cell in ascending order (K = none).
     Returns (U, Mz, My, Mx) int64; voxel boxes are padded by repeating the cell's last voxel. The arithmetic
-    follows :func:`upsample_argmax_dense`: z by ``torch.lerp`` at low resolution, then bilinear in (y, x) as
-    ATen computes it, sigmoid, first maximum.
+    follows :func:`upsample_argmax_dense`: z by ``torch.lerp`` at low resolution, x by ATen's linear weights,
+    y as row0 + w * (row1 - row0), sigmoid, first maximum.
     """
     _, d, h, w = flat_shape
     sizes = (d, h, w)
@@ -157,12 +162,12 @@ def _labels_in_cells(flat: torch.Tensor, flat_shape: tuple[int, int, int, int], 
     vz = torch.lerp(v[:, :, 0][:, :, None], v[:, :, 1][:, :, None], wz[None, :, :, None, None])  # (R,U,Mz,2,2)
     ly1 = axes[1][3][boxes[1]]  # (U, My)
     lx1 = axes[2][3][boxes[2]]  # (U, Mx)
-    ly0, lx0 = 1 - ly1, 1 - lx1
+    lx0 = 1 - lx1
     lx0b, lx1b = lx0[None, :, None, :], lx1[None, :, None, :]
     row0 = vz[..., 0, 0, None] * lx0b + vz[..., 0, 1, None] * lx1b  # (R, U, Mz, Mx)
     row1 = vz[..., 1, 0, None] * lx0b + vz[..., 1, 1, None] * lx1b
-    values = (row0[:, :, :, None, :] * ly0[None, :, None, :, None]
-              + row1[:, :, :, None, :] * ly1[None, :, None, :, None])  # (R, U, Mz, My, Mx)
+    values = torch.addcmul(row0[:, :, :, None, :], (row1 - row0)[:, :, :, None, :],
+                           ly1[None, :, None, :, None])  # (R, U, Mz, My, Mx): y as the dense path computes it
     values.sigmoid_()
     # First maximum over the (ascending) prompts = the running strict maximum of the authors' rule.
     best, position = values.max(0)
@@ -187,7 +192,7 @@ def upsample_argmax(logits: torch.Tensor, out_shape: Sequence[int], label_values
     for tests). ``keep_probabilities`` needs every voxel and uses the dense path too.
     """
     if keep_probabilities:
-        return upsample_argmax_dense(logits, out_shape, label_values, True, chunk_voxels)
+        return upsample_argmax_dense(logits, out_shape, label_values, True, min(chunk_voxels, DENSE_BLOCK))
     logits = logits.float()
     k, d, h, w = logits.shape
     out = [int(s) for s in out_shape]
@@ -207,11 +212,13 @@ def upsample_argmax(logits: torch.Tensor, out_shape: Sequence[int], label_values
         axes.append((starts, counts, most, weight))
     has_voxels = (axes[0][1][:, None, None] > 0) & (axes[1][1][None, :, None] > 0) & (axes[2][1][None, None, :] > 0)
     undecided = (count > 0) & ~decided_fg & has_voxels
-    # Voxels x prompts to evaluate here (each about twice the work of the dense path's) against the dense path.
+    # Voxels x live prompts to evaluate here, weighed against the dense path (CELL_PATH_COST, CELL_PATH_FIXED).
     voxels = (axes[0][1][:, None, None] * axes[1][1][None, :, None] * axes[2][1][None, None, :])
     work = float((voxels * count * undecided).sum().item()) * CELL_PATH_COST
-    if not force_cells and work > float(np.prod(out)) * k:
-        return upsample_argmax_dense(logits, out_shape, label_values, False, chunk_voxels)
+    share = CELL_PATH_FIXED + work / (float(np.prod(out)) * k)
+    log.debug("cell path estimated at %.3f of the dense path", share)
+    if not force_cells and share > 1.0:
+        return upsample_argmax_dense(logits, out_shape, label_values, False, min(chunk_voxels, DENSE_BLOCK))
     # Every voxel takes its cell's label; boundary cells are overwritten below.
     labels = lut[cell_label.cpu().numpy()]
     for axis in range(3):
@@ -244,17 +251,61 @@ def upsample_argmax(logits: torch.Tensor, out_shape: Sequence[int], label_values
     return labels, None
 
 
+#: Values per block of the dense path: small enough that its passes stay in a core's cache (2 MB float32).
+DENSE_BLOCK = 1 << 19
+#: Prompts per voxel that the packed-key argmax of :func:`upsample_argmax_dense` can rank in int32.
+PACKED_PROMPTS = 127
+#: float32 bit pattern of 0.5: probabilities in [0.5, 1] are these bits plus 0 .. 2**23.
+HALF_BITS = 0x3F000000
+
+
+def _runs(in_size: int, out_size: int, device: torch.device) -> list[tuple[int, int, int, int, torch.Tensor]]:
+    """Output index runs that interpolate between the same two source indices: (start, stop, i0, i1, weights)."""
+    i0, i1, weight = _source_index(in_size, out_size, device)
+    starts = [0, *(torch.nonzero(i0[1:] != i0[:-1]).flatten() + 1).tolist(), out_size]
+    first = i0.tolist()
+    second = i1.tolist()
+    return [(a, b, first[a], second[a], weight[a:b]) for a, b in itertools.pairwise(starts)]
+
+
+def _resize_rows(planes: torch.Tensor, runs: Sequence[tuple[int, int, int, int, torch.Tensor]],
+                 out: torch.Tensor) -> torch.Tensor:
+    """Linear interpolation of (C, h, W) along h into ``out`` (C, rows of ``runs``, W): row0 + w * (row1 - row0),
+    one ``torch.addcmul`` per run (``torch.lerp`` with a broadcast weight is many times slower on CPU).
+
+    Each output row is written once, straight from its two source rows (no gathered full-size copies).
+    """
+    first = runs[0][0]
+    for a, b, i0, i1, weight in runs:
+        start = planes[:, i0 : i0 + 1]
+        torch.addcmul(start, planes[:, i1 : i1 + 1] - start, weight.view(1, -1, 1), out=out[:, a - first : b - first])
+    return out
+
+
+def _blocks(runs: list[tuple[int, int, int, int, torch.Tensor]], rows: int) -> list[list[tuple[int, ...]]]:
+    """Consecutive runs grouped into blocks of about ``rows`` output rows."""
+    blocks: list[list[tuple[int, ...]]] = [[]]
+    for run in runs:
+        if blocks[-1] and run[1] - blocks[-1][0][0] > rows:
+            blocks.append([])
+        blocks[-1].append(run)
+    return blocks
+
+
 def upsample_argmax_dense(logits: torch.Tensor, out_shape: Sequence[int], label_values: Sequence[int],
-                          keep_probabilities: bool = False, chunk_voxels: int = 1 << 22,
+                          keep_probabilities: bool = False, chunk_voxels: int = DENSE_BLOCK,
                           ) -> tuple[np.ndarray, np.ndarray | None]:
     """Every voxel, every prompt: the exact running argmax (and, if asked, float16 probabilities).
 
-    Trilinear interpolation is separable: the z axis is interpolated first at low resolution (cheap), then
-    each z-chunk is resized bilinearly in (y, x) straight into its full-resolution slab, so each prompt costs
-    one pass over the output. Probabilities are compared in float32, like the authors' code, so ties between
-    saturated probabilities resolve the same way (to the earlier prompt).
+    Trilinear interpolation is separable: z by ``torch.lerp`` at low resolution, x by ATen's linear rule on the
+    low-resolution rows of each output slice, then y by one ``torch.addcmul`` per run of output rows, for all
+    prompts at once, in blocks of about ``chunk_voxels`` values so that the few passes over each block run in
+    the CPU cache. Probabilities are compared as float32, like the authors' code: clamped at 0.5 (background
+    wins at or below it), their bit patterns are ordered integers, so one int32 key per voxel and prompt,
+    bits * 128 + (127 - prompt), ranks by probability and then by earlier prompt (ties, e.g. two saturated
+    1.0), and a single max over the prompts gives the label.
     """
-    k, d, _, _ = logits.shape
+    k, d, h, w = logits.shape
     out_d, out_h, out_w = (int(s) for s in out_shape)
     device = logits.device
     i0, i1, wz = _source_index(d, out_d, device)
@@ -264,24 +315,34 @@ def upsample_argmax_dense(logits: torch.Tensor, out_shape: Sequence[int], label_
     labels = np.zeros((out_d, out_h, out_w), dtype=dtype)
     probs = np.zeros((k, out_d, out_h, out_w), dtype=np.float16) if keep_probabilities else None
     lut = torch.tensor([0, *label_values], dtype=torch.int64, device=device)
-    step = max(1, chunk_voxels // max(1, out_h * out_w))
-    for z0 in range(0, out_d, step):
-        z1 = min(out_d, z0 + step)
-        best = torch.zeros((z1 - z0, out_h, out_w), dtype=torch.float32, device=device)
-        best_idx = torch.zeros((z1 - z0, out_h, out_w), dtype=torch.uint8 if k < 255 else torch.int64,
-                               device=device)
-        better = torch.empty((z1 - z0, out_h, out_w), dtype=torch.bool, device=device)
-        for j in range(k):
-            p = F.interpolate(z_up[j : j + 1, z0:z1], size=(out_h, out_w), mode="bilinear",
-                              align_corners=False)[0].sigmoid_()
-            if probs is not None:
-                probs[j, z0:z1] = p.to(torch.float16).cpu().numpy()
-            torch.gt(p, best, out=better)
-            torch.maximum(best, p, out=best)
-            best_idx.masked_fill_(better, j + 1)
-        # Background (1 - max p) wins ties, as argmax over [background, prompts...] does.
-        best_idx.masked_fill_(torch.rsub(best, 1.0).clamp_(0, 1) >= best, 0)
-        labels[z0:z1] = lut[best_idx.long()].cpu().numpy().astype(dtype)
+    # Prompts are taken in groups whose keys fit int32; a later group wins only by a higher probability.
+    group = min(k, PACKED_PROMPTS)
+    rows_per_block = max(1, chunk_voxels // max(1, group * out_w))
+    blocks = _blocks(_runs(h, out_h, device), rows_per_block)
+    rank = torch.arange(PACKED_PROMPTS, PACKED_PROMPTS - group, -1, dtype=torch.int32, device=device).view(-1, 1, 1)
+    for z in range(out_d):
+        planes = F.interpolate(z_up[:, z : z + 1].reshape(1, k, h, w), size=(h, out_w), mode="bilinear",
+                               align_corners=False)[0]  # (K, h, out_w): x done on the low-resolution rows
+        for block in blocks:
+            y0, y1 = block[0][0], block[-1][1]
+            best_bits = best_label = None
+            for g0 in range(0, k, group):
+                g1 = min(k, g0 + group)
+                p = _resize_rows(planes[g0:g1], block, torch.empty((g1 - g0, y1 - y0, out_w), device=device))
+                p.sigmoid_()
+                if probs is not None:
+                    probs[g0:g1, z, y0:y1] = p.to(torch.float16).cpu().numpy()
+                key = p.clamp_(min=0.5).view(torch.int32).sub_(HALF_BITS)  # 0 .. 2**23, ordered like p
+                top = torch.add(rank[: g1 - g0], key, alpha=PACKED_PROMPTS + 1).amax(0)
+                bits = top >> 7
+                label = torch.where(bits > 0, g0 + PACKED_PROMPTS + 1 - (top & PACKED_PROMPTS), 0)
+                if best_bits is None:
+                    best_bits, best_label = bits, label
+                else:
+                    better = bits > best_bits
+                    best_bits = torch.where(better, bits, best_bits)
+                    best_label = torch.where(better, label, best_label)
+            labels[z, y0:y1] = lut[best_label].cpu().numpy()
     return labels, probs
 
 
