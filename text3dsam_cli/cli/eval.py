@@ -6,12 +6,14 @@ import math
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
-from rich.table import Table
 
 from text3dsam_cli.cli.app import app, err_console, handle_errors, is_debug, print_error
+
+if TYPE_CHECKING:  # rich.table is imported where a table is drawn (start-up time)
+    from rich.table import Table
 
 # The evaluation module (scipy, SimpleITK) is imported inside the functions: `text3dsam --help` and the other
 # commands should not pay for it.
@@ -32,6 +34,8 @@ def _cell(value: Any) -> str:
 
 
 def _table(results: dict[str, Any]) -> Table:
+    from rich.table import Table
+
     from text3dsam_cli.evaluation import modality_of
 
     table = Table(title="Evaluation", title_justify="left")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import platform
-from importlib import metadata
 from typing import Any
 
 import typer
@@ -69,6 +68,8 @@ def vocabulary_phrasings(path: str | None) -> list[str]:
 
 
 def _version(name: str) -> str | None:
+    from importlib import metadata
+
     try:
         return metadata.version(name)
     except metadata.PackageNotFoundError:

@@ -6,20 +6,24 @@ import json
 import os
 import sys
 import traceback
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
-from rich import box
 from rich.markup import escape
-from rich.table import Table
 
 from text3dsam_cli.cli.app import app, err_console, handle_errors, is_debug, one_line, parse_triple, print_error
 from text3dsam_cli.cli.model_cmds import MODEL_HELP
 from text3dsam_cli.errors import UsageError
 
+if TYPE_CHECKING:  # rich.table is imported where a table is drawn (start-up time)
+    from rich.table import Table
+
 
 def quality_table(labels: list[dict[str, Any]]) -> Table:
     """The per-scan stderr table: prompt, volume, components and flags of each label."""
+    from rich import box
+    from rich.table import Table
+
     from text3dsam_cli.quality import flags
 
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
