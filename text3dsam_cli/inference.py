@@ -191,8 +191,9 @@ def upsample_argmax(logits: torch.Tensor, out_shape: Sequence[int], label_values
     the deterministic test checkpoints), :func:`upsample_argmax_dense` runs instead (``force_cells`` overrides,
     for tests). ``keep_probabilities`` needs every voxel and uses the dense path too.
     """
+    dense_chunk = min(chunk_voxels, dense_block(logits.device))
     if keep_probabilities:
-        return upsample_argmax_dense(logits, out_shape, label_values, True, min(chunk_voxels, DENSE_BLOCK))
+        return upsample_argmax_dense(logits, out_shape, label_values, True, dense_chunk)
     logits = logits.float()
     k, d, h, w = logits.shape
     out = [int(s) for s in out_shape]
@@ -218,7 +219,7 @@ def upsample_argmax(logits: torch.Tensor, out_shape: Sequence[int], label_values
     share = CELL_PATH_FIXED + work / (float(np.prod(out)) * k)
     log.debug("cell path estimated at %.3f of the dense path", share)
     if not force_cells and share > 1.0:
-        return upsample_argmax_dense(logits, out_shape, label_values, False, min(chunk_voxels, DENSE_BLOCK))
+        return upsample_argmax_dense(logits, out_shape, label_values, False, dense_chunk)
     # Every voxel takes its cell's label; boundary cells are overwritten below.
     labels = lut[cell_label.cpu().numpy()]
     for axis in range(3):
@@ -251,8 +252,16 @@ def upsample_argmax(logits: torch.Tensor, out_shape: Sequence[int], label_values
     return labels, None
 
 
-#: Values per block of the dense path: small enough that its passes stay in a core's cache (2 MB float32).
+#: Values per block of the dense path: on CPU small enough that its passes stay in a core's cache (2 MB of
+#: float32); on a GPU large, so that each kernel launch has work enough (64 MB).
 DENSE_BLOCK = 1 << 19
+DENSE_BLOCK_GPU = 1 << 24
+
+
+def dense_block(device: torch.device) -> int:
+    """Block size (values) of :func:`upsample_argmax_dense` on ``device``."""
+    return DENSE_BLOCK if device.type == "cpu" else DENSE_BLOCK_GPU
+
 #: Prompts per voxel that the packed-key argmax of :func:`upsample_argmax_dense` can rank in int32.
 PACKED_PROMPTS = 127
 #: float32 bit pattern of 0.5: probabilities in [0.5, 1] are these bits plus 0 .. 2**23.
@@ -293,7 +302,7 @@ def _blocks(runs: list[tuple[int, int, int, int, torch.Tensor]], rows: int) -> l
 
 
 def upsample_argmax_dense(logits: torch.Tensor, out_shape: Sequence[int], label_values: Sequence[int],
-                          keep_probabilities: bool = False, chunk_voxels: int = DENSE_BLOCK,
+                          keep_probabilities: bool = False, chunk_voxels: int | None = None,
                           ) -> tuple[np.ndarray, np.ndarray | None]:
     """Every voxel, every prompt: the exact running argmax (and, if asked, float16 probabilities).
 
@@ -317,7 +326,7 @@ def upsample_argmax_dense(logits: torch.Tensor, out_shape: Sequence[int], label_
     lut = torch.tensor([0, *label_values], dtype=torch.int64, device=device)
     # Prompts are taken in groups whose keys fit int32; a later group wins only by a higher probability.
     group = min(k, PACKED_PROMPTS)
-    rows_per_block = max(1, chunk_voxels // max(1, group * out_w))
+    rows_per_block = max(1, (chunk_voxels or dense_block(device)) // max(1, group * out_w))
     blocks = _blocks(_runs(h, out_h, device), rows_per_block)
     rank = torch.arange(PACKED_PROMPTS, PACKED_PROMPTS - group, -1, dtype=torch.int32, device=device).view(-1, 1, 1)
     for z in range(out_d):
