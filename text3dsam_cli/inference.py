@@ -13,8 +13,10 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -258,6 +260,21 @@ DENSE_BLOCK = 1 << 19
 DENSE_BLOCK_GPU = 1 << 24
 
 
+_THREADS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def single_threaded_torch() -> Iterator[None]:
+    """torch's intra-op threads set to 1 for the duration (process-wide; serialised by a lock), then restored."""
+    with _THREADS_LOCK:
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+
 def dense_block(device: torch.device) -> int:
     """Block size (values) of :func:`upsample_argmax_dense` on ``device``."""
     return DENSE_BLOCK if device.type == "cpu" else DENSE_BLOCK_GPU
@@ -329,29 +346,41 @@ def upsample_argmax_dense(logits: torch.Tensor, out_shape: Sequence[int], label_
     rows_per_block = max(1, (chunk_voxels or dense_block(device)) // max(1, group * out_w))
     blocks = _blocks(_runs(h, out_h, device), rows_per_block)
     rank = torch.arange(PACKED_PROMPTS, PACKED_PROMPTS - group, -1, dtype=torch.int32, device=device).view(-1, 1, 1)
-    for z in range(out_d):
-        planes = F.interpolate(z_up[:, z : z + 1].reshape(1, k, h, w), size=(h, out_w), mode="bilinear",
-                               align_corners=False)[0]  # (K, h, out_w): x done on the low-resolution rows
-        for block in blocks:
-            y0, y1 = block[0][0], block[-1][1]
-            best_bits = best_label = None
-            for g0 in range(0, k, group):
-                g1 = min(k, g0 + group)
-                p = _resize_rows(planes[g0:g1], block, torch.empty((g1 - g0, y1 - y0, out_w), device=device))
-                p.sigmoid_()
-                if probs is not None:
-                    probs[g0:g1, z, y0:y1] = p.to(torch.float16).cpu().numpy()
-                key = p.clamp_(min=0.5).view(torch.int32).sub_(HALF_BITS)  # 0 .. 2**23, ordered like p
-                top = torch.add(rank[: g1 - g0], key, alpha=PACKED_PROMPTS + 1).amax(0)
-                bits = top >> 7
-                label = torch.where(bits > 0, g0 + PACKED_PROMPTS + 1 - (top & PACKED_PROMPTS), 0)
-                if best_bits is None:
-                    best_bits, best_label = bits, label
-                else:
-                    better = bits > best_bits
-                    best_bits = torch.where(better, bits, best_bits)
-                    best_label = torch.where(better, label, best_label)
-            labels[z, y0:y1] = lut[best_label].cpu().numpy()
+
+    def slices(zs: Sequence[int]) -> None:
+        for z in zs:
+            planes = F.interpolate(z_up[:, z : z + 1].reshape(1, k, h, w), size=(h, out_w), mode="bilinear",
+                                   align_corners=False)[0]  # (K, h, out_w): x done on the low-resolution rows
+            for block in blocks:
+                y0, y1 = block[0][0], block[-1][1]
+                best_bits = best_label = None
+                for g0 in range(0, k, group):
+                    g1 = min(k, g0 + group)
+                    p = _resize_rows(planes[g0:g1], block, torch.empty((g1 - g0, y1 - y0, out_w), device=device))
+                    p.sigmoid_()
+                    if probs is not None:
+                        probs[g0:g1, z, y0:y1] = p.to(torch.float16).cpu().numpy()
+                    key = p.clamp_(min=0.5).view(torch.int32).sub_(HALF_BITS)  # 0 .. 2**23, ordered like p
+                    top = torch.add(rank[: g1 - g0], key, alpha=PACKED_PROMPTS + 1).amax(0)
+                    bits = top >> 7
+                    label = torch.where(bits > 0, g0 + PACKED_PROMPTS + 1 - (top & PACKED_PROMPTS), 0)
+                    if best_bits is None:
+                        best_bits, best_label = bits, label
+                    else:
+                        better = bits > best_bits
+                        best_bits = torch.where(better, bits, best_bits)
+                        best_label = torch.where(better, label, best_label)
+                labels[z, y0:y1] = lut[best_label].cpu().numpy()
+
+    workers = torch.get_num_threads() if device.type == "cpu" else 1
+    if workers > 1 and out_d > 1:
+        # The blocks are small (cache-sized), too small for torch's own threads: their fork/join per operation
+        # costs little on an idle machine but 100x under load. Instead each worker thread takes a share of the
+        # slices with single-threaded operations (torch releases the GIL inside them).
+        with single_threaded_torch(), ThreadPoolExecutor(workers) as pool:
+            list(pool.map(slices, np.array_split(np.arange(out_d), workers)))
+    else:
+        slices(range(out_d))
     return labels, probs
 
 
