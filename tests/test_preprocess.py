@@ -179,3 +179,21 @@ def test_real_dicom_ct_soft_tissue() -> None:
     hu = volume.array.astype(np.float32)
     expected = (np.clip(hu, -160, 240) + 160) * (255 / 400)
     np.testing.assert_allclose(out, expected, atol=1e-3)
+
+
+def test_in_place_normalisation_reuses_a_float32_array_only_when_allowed():
+    from text3dsam_cli.pipeline import prepare_scan
+
+    rng = np.random.default_rng(0)
+    hu = rng.uniform(-1000, 1000, size=(6, 7, 8)).astype(np.float32)
+    for modality in ("CT", "MR"):
+        kept = Volume(hu.copy(), modality=modality, source_format="nifti")
+        copied = prepare_scan(kept, orientation="native").image
+        assert np.array_equal(kept.array, hu)  # default: the caller's array is untouched
+        owned = Volume(hu.copy(), modality=modality, source_format="nifti")
+        reused = prepare_scan(owned, orientation="native", in_place=True).image
+        assert np.shares_memory(reused, owned.array) and np.array_equal(reused, copied)
+    ints = Volume(hu.astype(np.int16), modality="CT", source_format="nifti")
+    image = prepare_scan(ints, orientation="native", in_place=True).image
+    assert image.dtype == np.float32 and not np.shares_memory(image, ints.array)
+    assert np.array_equal(ints.array, hu.astype(np.int16))

@@ -341,11 +341,14 @@ def orientation_target(volume: Volume, modality: str | None, request: str = "aut
 
 
 def prepare_scan(volume: Volume, modality: str | None = None, window: str | tuple[float, float] = DEFAULT_WINDOW,
-                 orientation: str = "auto", table: dict[str, Any] | None = None) -> PreparedScan:
+                 orientation: str = "auto", table: dict[str, Any] | None = None,
+                 in_place: bool = False) -> PreparedScan:
     """Decide the modality once, reorient to the model's orientation, normalise, and record how to map back.
 
     ``orientation`` and ``table``: see :func:`orientation_target`. Reorienting is a pure permutation/flip of
-    the axes (never a resampling); the spacing follows the permutation.
+    the axes (never a resampling); the spacing follows the permutation. ``in_place``: the intensities of
+    ``volume`` are not needed afterwards, so a float32 array may be normalised where it lies (no second
+    whole-volume copy; a whole-body float CT is 0.8 GB).
     """
     decision = resolve_modality(volume, modality)
     target, info = orientation_target(volume, decision.modality, orientation, table)
@@ -357,7 +360,7 @@ def prepare_scan(volume: Volume, modality: str | None = None, window: str | tupl
             moved = change.volume(volume)
             volume = Volume(np.ascontiguousarray(moved.array), moved.spacing, moved.origin, moved.direction,
                             volume.path, volume.source_format, volume.modality, volume.meta)
-    image = normalize_as(volume, decision, window)
+    image = normalize_as(volume, decision, window, in_place=in_place)
     return PreparedScan(image=image, spacing=tuple(float(s) for s in volume.spacing),  # type: ignore[arg-type]
                         modality=decision, window=window, orientation=info, reorientation=change)
 
@@ -477,8 +480,9 @@ class SegmentRun:
                 image_format(p) == "nifti" for p in plan.files):
             raise InputError(SHEARED_NIFTI, item.path)
         t0 = time.perf_counter()
+        # Only the preview shows the input's intensities; otherwise normalise a float input where it lies.
         scan = prepare_scan(volume, self.options.modality, self.options.window, self.orientation,
-                            self.orientation_table)
+                            self.orientation_table, in_place=not o.preview)
         t_pre = time.perf_counter() - t0
         result = self.segmenter.segment(scan.image, prompts, values, spacing=scan.spacing, instance=instance,
                                         keep_probabilities=self.options.probabilities)

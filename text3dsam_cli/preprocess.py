@@ -127,24 +127,39 @@ def parse_window(window: str | tuple[float, float]) -> tuple[float, float]:
     return level, width
 
 
-def window_ct(array: np.ndarray, level: float, width: float) -> np.ndarray:
-    """Clip to ``[level - width/2, level + width/2]`` and rescale to 0..255 (a new float32 array)."""
+def _float32_target(array: np.ndarray, in_place: bool) -> np.ndarray:
+    """``array`` itself when it may be overwritten (``in_place``, writable C-ordered float32), else a float32 copy."""
+    if in_place and array.dtype == np.float32 and array.flags.writeable and array.flags.c_contiguous:
+        return array
+    return array.astype(np.float32)
+
+
+def window_ct(array: np.ndarray, level: float, width: float, in_place: bool = False) -> np.ndarray:
+    """Clip to ``[level - width/2, level + width/2]`` and rescale to 0..255 (float32).
+
+    The caller's array is never modified unless ``in_place`` (then a float32 array is reused, saving a copy of
+    the whole volume).
+    """
     low = level - width / 2.0
-    out = array.astype(np.float32)  # always a copy: the caller's array is never modified
+    out = _float32_target(array, in_place)
     np.clip(out, low, low + width, out=out)
     out -= np.float32(low)
     out *= np.float32(255.0 / width)
     return out
 
 
-def percentile_normalize(array: np.ndarray, percentiles: tuple[float, float] = PERCENTILES) -> np.ndarray:
-    """Clip to the given percentiles of the voxels > 0, rescale to 0..255; voxels <= 0 become 0 (float32)."""
+def percentile_normalize(array: np.ndarray, percentiles: tuple[float, float] = PERCENTILES,
+                         in_place: bool = False) -> np.ndarray:
+    """Clip to the given percentiles of the voxels > 0, rescale to 0..255; voxels <= 0 become 0 (float32).
+
+    ``in_place``: as :func:`window_ct`.
+    """
     positive = array[array > 0]
     if positive.size == 0:
         return np.zeros(array.shape, dtype=np.float32)
     low, high = (float(v) for v in np.percentile(positive, percentiles, overwrite_input=True))
     del positive
-    out = array.astype(np.float32)
+    out = _float32_target(array, in_place)
     if high <= low:  # constant foreground: everything > 0 is the brightest value
         np.greater(out, 0, out=out)
         out *= np.float32(255.0)
@@ -166,11 +181,15 @@ def normalize_intensity(volume: Volume, modality: str | None = None,
 
 
 def normalize_as(volume: Volume, decision: ModalityDecision,
-                 window: str | tuple[float, float] = DEFAULT_WINDOW) -> np.ndarray:
-    """``volume.array`` mapped to 0..255 float32 following an already made :class:`ModalityDecision`."""
+                 window: str | tuple[float, float] = DEFAULT_WINDOW, in_place: bool = False) -> np.ndarray:
+    """``volume.array`` mapped to 0..255 float32 following an already made :class:`ModalityDecision`.
+
+    ``in_place``: a float32 ``volume.array`` may be overwritten instead of copied (the caller no longer needs
+    its intensities).
+    """
     if decision.normalization == "none":
         return volume.array.astype(np.float32)
     if decision.normalization == "ct_window":
         level, width = parse_window(window)
-        return window_ct(volume.array, level, width)
-    return percentile_normalize(volume.array)
+        return window_ct(volume.array, level, width, in_place)
+    return percentile_normalize(volume.array, in_place=in_place)
