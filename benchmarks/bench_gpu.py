@@ -16,6 +16,7 @@ Needs a CUDA device and ../shared beside the checkout. Prints, with the `full` t
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -99,6 +100,9 @@ def main() -> None:
         cpu = whole_process(checkpoint, "cpu", tmp)
         print(f"text3dsam segment {CASES[0]}, whole process, warm store: cuda {gpu:.2f} s (goal < 1.5 s), "
               f"cpu {cpu:.2f} s, ratio {cpu / gpu:.1f}x")
+        for device in ("cuda", "cpu"):
+            steps = json.loads((tmp / f"{device}.json").read_text())["timings_s"]
+            print(f"  steps inside, {device}: " + ", ".join(f"{k} {v:.3f}" for k, v in steps.items()))
         if not args.skip_bigct:
             sys.stdout.flush()
             subprocess.run([sys.executable, str(HERE / "bench_bigct.py"), "--checkpoint", str(checkpoint),
