@@ -11,8 +11,9 @@ measured step is a whole Python process, timed from the outside, with its own pe
   compressed .nii.gz) - the least any segmentation process must do;
 * ours: `text3dsam segment CT.nii.gz <14 prompts> --mode whole` (native orientation), full test checkpoint,
   warm prompt-embedding store (one warm-up run first);
-* agreement: our label map against the exact running argmax (every voxel, every prompt:
-  `upsample_argmax_dense`) on the same low-resolution logits, computed in a separate process.
+* agreement: our label map against the authors' running argmax written plainly (every voxel, every prompt;
+  `reference_argmax` below, independent of our upsampling code) on the same low-resolution logits, computed in
+  a separate process.
 
 Targets (issue 8): ours <= 3x the I/O floor, peak RSS <= 2 GB, >= 99.99 % of voxels equal to the exact result.
 """
@@ -71,12 +72,44 @@ def prompts() -> list[str]:
     return texts[:PROMPTS]
 
 
+def reference_argmax(logits, shape, values):
+    """The authors' rule written plainly (independent of our upsampling code): per output slice, trilinear
+    logits (z by linear weights, then ATen's bilinear in y and x), float32 sigmoid, strict running maximum
+    over the prompts, background where 1 - max >= max."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    k, d = logits.shape[:2]
+    out_d, out_h, out_w = shape
+    scale = torch.tensor(float(d), dtype=torch.float32) / out_d
+    src = ((torch.arange(out_d, dtype=torch.float32) + 0.5) * scale - 0.5).clamp(min=0)
+    z0 = src.floor().long().clamp(max=d - 1)
+    z1 = (z0 + 1).clamp(max=d - 1)
+    wz = (src - z0).to(logits.device)
+    lut = torch.tensor([0, *values])
+    labels = np.zeros(shape, dtype=np.uint8)
+    for z in range(out_d):
+        plane = torch.lerp(logits[:, z0[z]], logits[:, z1[z]], wz[z])  # (K, h, w)
+        probs = torch.sigmoid(F.interpolate(plane[None], size=(out_h, out_w), mode="bilinear",
+                                            align_corners=False)[0])
+        best = torch.zeros((out_h, out_w), device=logits.device)
+        index = torch.zeros((out_h, out_w), dtype=torch.int64, device=logits.device)
+        for j in range(k):
+            better = probs[j] > best
+            best = torch.where(better, probs[j], best)
+            index = torch.where(better, j + 1, index)
+        index[(1 - best) >= best] = 0
+        labels[z] = lut[index.cpu()].numpy()
+    return labels
+
+
 def exact_worker(checkpoint: str, ct: str, out: str, device: str, threads: int) -> None:
-    """The exact running argmax on the same logits `segment` computes, saved as .npy."""
+    """The authors' running argmax on the same low-resolution logits `segment` computes, saved as .npy."""
     import numpy as np
     import torch
 
-    from text3dsam_cli.inference import Segmenter, upsample_argmax_dense
+    from text3dsam_cli.inference import Segmenter
     from text3dsam_cli.io import read_volume
     from text3dsam_cli.model import load_model
     from text3dsam_cli.pipeline import prepare_scan
@@ -84,13 +117,12 @@ def exact_worker(checkpoint: str, ct: str, out: str, device: str, threads: int) 
     torch.set_num_threads(threads)
     texts = prompts()
     segmenter = Segmenter(load_model(checkpoint), device=device, mode="whole")
-    scan = prepare_scan(read_volume(ct))
-    text = segmenter.embed_prompts(texts)
-    image = torch.as_tensor(scan.image, dtype=torch.float32).to(segmenter.device)
-    logits, _ = segmenter.low_res_logits(image, text, scan.spacing)
-    del image
+    scan = prepare_scan(read_volume(ct), orientation="native", in_place=True)
+    encoded = segmenter.encode(scan.image, scan.spacing)
+    segmenter.segment_encoded(encoded, texts)  # keeps each prompt's low-resolution logits on `encoded`
+    logits = torch.stack([encoded.logits[t] for t in texts]).float()
     with torch.inference_mode():
-        labels, _ = upsample_argmax_dense(logits, scan.image.shape, list(range(1, len(texts) + 1)))
+        labels = reference_argmax(logits, scan.image.shape, list(range(1, len(texts) + 1)))
     np.save(out, scan.to_input_grid(labels))
 
 

@@ -5,9 +5,9 @@
 
 Needs a CUDA device and ../shared beside the checkout. Prints, with the `full` test checkpoint:
 
-* per shared challenge case (CT, MR, US): voxel agreement of `--precision bf16` with fp32 (goal >= 99.9 %),
-  and the model time (image encoder + decoder, synchronised) and `Segmenter.segment` time for each precision
-  (goal: model < 100 ms on the CT case);
+* per shared challenge case (CT, MR, US): voxel agreement of fp32 on CUDA (TF32 off) with the CPU and of
+  `--precision bf16` with fp32 (goal >= 99.9 %); the model time (image encoder + decoder, synchronised) and
+  `Segmenter.segment` time per precision (goal: model < 100 ms on the CT case);
 * `text3dsam segment CT_AMOS_amos_0018.npz --device cuda` as a whole process with a warm prompt-embedding
   store (goal < 1.5 s end to end), and the same on the CPU in the same run for the ratio;
 * `benchmarks/bench_bigct.py --device cuda` (the whole-body CT against the I/O floor).
@@ -30,6 +30,7 @@ CASES = ("CT_AMOS_amos_0018", "MR_BraTS-T1c_bratsgli_0017", "US_Cardiac_patient0
 
 
 def parity(checkpoint: Path) -> list[tuple[str, ...]]:
+    """Per case: fp32 on CUDA (TF32 off) vs fp32 on the CPU, bf16 vs fp32 on CUDA, model and segment times."""
     import torch
 
     from text3dsam_cli.inference import Segmenter
@@ -43,6 +44,7 @@ def parity(checkpoint: Path) -> list[tuple[str, ...]]:
         volume = read_challenge_npz(CHALLENGE / f"{case}.npz")
         prompts, values, instance = prompts_for(volume, [])
         scan = prepare_scan(volume)
+        cpu = Segmenter(model, device="cpu").segment(scan.image, prompts, values, instance=instance).labels
         labels, times = {}, {}
         for precision in ("fp32", "bf16"):
             segmenter = Segmenter(model, device="cuda", precision=precision)
@@ -57,8 +59,10 @@ def parity(checkpoint: Path) -> list[tuple[str, ...]]:
                 if best is None or total < best[0]:
                     best = (total, result.timings["model"])
             labels[precision], times[precision] = result.labels, best
-        agreement = float((labels["fp32"] == labels["bf16"]).mean())
-        rows.append((case, f"{agreement:.5%}", f"{times['fp32'][1] * 1000:.0f} / {times['bf16'][1] * 1000:.0f}",
+        model.to("cpu")
+        rows.append((case, f"{float((labels['fp32'] == cpu).mean()):.5%}",
+                     f"{float((labels['fp32'] == labels['bf16']).mean()):.5%}",
+                     f"{times['fp32'][1] * 1000:.0f} / {times['bf16'][1] * 1000:.0f}",
                      f"{times['fp32'][0]:.3f} / {times['bf16'][0]:.3f}"))
     return rows
 
@@ -93,9 +97,10 @@ def main() -> None:
         tmp = Path(tmpdir)
         checkpoint = Path(args.checkpoint) if args.checkpoint else build_checkpoint(tmp / "ckpt")
         print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
-        print(f"{'case':<44} {'bf16 vs fp32':>13} {'model ms fp32/bf16':>19} {'segment s fp32/bf16':>20}")
+        print(f"{'case':<42} {'fp32 cuda vs cpu':>16} {'bf16 vs fp32':>13} {'model ms fp32/bf16':>19} "
+              f"{'segment s fp32/bf16':>20}")
         for row in parity(checkpoint):
-            print(f"{row[0]:<44} {row[1]:>13} {row[2]:>19} {row[3]:>20}")
+            print(f"{row[0]:<42} {row[1]:>16} {row[2]:>13} {row[3]:>19} {row[4]:>20}")
         gpu = whole_process(checkpoint, "cuda", tmp)
         cpu = whole_process(checkpoint, "cpu", tmp)
         print(f"text3dsam segment {CASES[0]}, whole process, warm store: cuda {gpu:.2f} s (goal < 1.5 s), "

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from text3dsam_cli.devices import autocast_dtype, resolve_device
+from text3dsam_cli.devices import autocast_dtype, resolve_device, strict_float32
 from text3dsam_cli.embedding_store import EmbeddingStore
 from text3dsam_cli.errors import UsageError
 from text3dsam_cli.model import Text3DSAM
@@ -470,8 +470,9 @@ class Segmenter:
         return torch.stack([self._prompt_cache[p] for p in prompts])
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """The model's precision: autocast for bf16/fp16; on CUDA float32 without TF32."""
         if self.amp_dtype is None:
-            return contextlib.nullcontext()
+            return strict_float32() if self.device.type == "cuda" else contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     # -- strategies ----------------------------------------------------------------------------------------
@@ -589,7 +590,7 @@ class Segmenter:
             if encoded.mode == "sliding":
                 logits = self._sliding_logits(encoded.contexts, encoded.plan, text)
             else:
-                with torch.inference_mode():
+                with torch.inference_mode(), self._autocast():
                     logits = self._decode(encoded.contexts[0][1], text)  # type: ignore[index]
             encoded.logits.update(zip(todo, logits))
         timings["decode"] = time.perf_counter() - t1

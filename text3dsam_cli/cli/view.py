@@ -17,7 +17,7 @@ def view_command(
     model: str = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     revision: str = typer.Option(None, "--revision", help="Branch, tag or commit of the hub repo."),
     device: str = typer.Option("auto", "--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps."),
-    precision: str = typer.Option("auto", "--precision", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16."),
+    precision: str = typer.Option("auto", "--precision", help="auto (= fp32, TF32 off), fp32, bf16, fp16 (CUDA only)."),
     mode: str = typer.Option("auto", "--mode", help="whole, sliding or auto, as in segment."),
     spacing: str = typer.Option(None, "--spacing", help="Sliding-window target spacing in mm, 'x,y,z' or one "
                                 "number (as in segment)."),

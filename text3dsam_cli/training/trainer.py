@@ -288,7 +288,10 @@ def make_accelerator(args: TrainingArguments) -> Any:
     device = resolve_device(args.device)
     if device.type == "cuda" and device.index is not None and not distributed:
         torch.cuda.set_device(device.index)
-    dtype = autocast_dtype(device, args.precision)
+    precision = args.precision
+    if precision == "auto" and device.type == "cuda":  # training: mixed precision by default on GPUs
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    dtype = autocast_dtype(device, precision)
     if args.precision == "auto" and os.environ.get("ACCELERATE_MIXED_PRECISION"):
         mixed = None  # accelerate launch --mixed_precision ... decides
     else:
