@@ -105,6 +105,14 @@ def main() -> None:
         cpu = whole_process(checkpoint, "cpu", tmp)
         print(f"text3dsam segment {CASES[0]}, whole process, warm store: cuda {gpu:.2f} s (goal < 1.5 s), "
               f"cpu {cpu:.2f} s, ratio {cpu / gpu:.1f}x")
+        for label, code in (("python -c 'import torch'", "import torch"),
+                            ("... + CUDA context", "import torch; torch.zeros(1, device='cuda')")):
+            starts = []
+            for _ in range(3):
+                t = time.perf_counter()
+                subprocess.run([sys.executable, "-c", code], check=True)
+                starts.append(time.perf_counter() - t)
+            print(f"  start-up floor, {label}: {min(starts):.2f} s")
         for device in ("cuda", "cpu"):
             steps = json.loads((tmp / f"{device}.json").read_text())["timings_s"]
             print(f"  steps inside, {device}: " + ", ".join(f"{k} {v:.3f}" for k, v in steps.items()))
