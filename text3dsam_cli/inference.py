@@ -331,12 +331,12 @@ def upsample_argmax_dense(logits: torch.Tensor, out_shape: Sequence[int], label_
     bits * 128 + (127 - prompt), ranks by probability and then by earlier prompt (ties, e.g. two saturated
     1.0), and a single max over the prompts gives the label.
     """
-    k, d, h, w = logits.shape
+    k, d, h, _ = logits.shape
     out_d, out_h, out_w = (int(s) for s in out_shape)
     device = logits.device
     i0, i1, wz = _source_index(d, out_d, device)
     logits = logits.float()
-    z_up = torch.lerp(logits[:, i0], logits[:, i1], wz.view(1, -1, 1, 1))  # (K, out_d, h, w)
+    z_index = list(zip(i0.tolist(), i1.tolist()))
     dtype = np.uint8 if max(label_values, default=0) <= 255 else np.uint16
     labels = np.zeros((out_d, out_h, out_w), dtype=dtype)
     probs = np.zeros((k, out_d, out_h, out_w), dtype=np.float16) if keep_probabilities else None
@@ -349,7 +349,9 @@ def upsample_argmax_dense(logits: torch.Tensor, out_shape: Sequence[int], label_
 
     def slices(zs: Sequence[int]) -> None:
         for z in zs:
-            planes = F.interpolate(z_up[:, z : z + 1].reshape(1, k, h, w), size=(h, out_w), mode="bilinear",
+            a, b = z_index[z]
+            plane = torch.lerp(logits[:, a], logits[:, b], wz[z])  # (K, h, w): z at low resolution
+            planes = F.interpolate(plane[None], size=(h, out_w), mode="bilinear",
                                    align_corners=False)[0]  # (K, h, out_w): x done on the low-resolution rows
             for block in blocks:
                 y0, y1 = block[0][0], block[-1][1]

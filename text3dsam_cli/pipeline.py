@@ -487,6 +487,8 @@ class SegmentRun:
         result = self.segmenter.segment(scan.image, prompts, values, spacing=scan.spacing, instance=instance,
                                         keep_probabilities=self.options.probabilities)
         scan.image = np.empty(0, dtype=np.float32)  # free the model input before writing
+        if not o.preview:  # nothing after this reads the input's voxels: keep its geometry, free its array
+            volume.array = np.broadcast_to(np.zeros((), dtype=volume.array.dtype), volume.array.shape)
         result.labels = scan.to_input_grid(result.labels)
         if result.probabilities is not None:
             result.probabilities = scan.to_input_grid(result.probabilities)
