@@ -1,8 +1,10 @@
-"""``read_volume``: one entry point for NIfTI, NRRD, MetaImage, DICOM series and challenge npz inputs.
+"""``read_volume``: one entry point for every input format of :mod:`text3dsam_cli.io.formats`.
 
 Images are read with SimpleITK and kept exactly as ``sitk.GetArrayFromImage`` gives them: (z, y, x) in the
 file's native dtype, with origin, spacing and direction in ITK's LPS terms. Anything that is not a single
-channel 3-D volume of finite numbers is refused with an :class:`InputError` naming the file.
+channel 3-D volume of finite numbers is refused with an :class:`InputError` naming the file. This module holds
+the SimpleITK-based reader of the single-file formats (:func:`read_image_file`) with its completeness checks;
+DICOM series are read by :mod:`text3dsam_cli.io.dicom`, challenge npz by :mod:`text3dsam_cli.io.npz`.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import gzip
 import os
-import re
 import shutil
 import tempfile
 import zlib
@@ -22,57 +23,43 @@ import numpy as np
 import SimpleITK as sitk
 
 from text3dsam_cli.errors import InputError
+from text3dsam_cli.io import formats
 from text3dsam_cli.io.atomic import encodable
-from text3dsam_cli.io.itk import itk_path
+from text3dsam_cli.io.itk import check_layout, first_error_line, itk_path, volume_from_image
 from text3dsam_cli.io.limits import check_voxel_count
-from text3dsam_cli.io.npz import check_finite, read_challenge_npz
+from text3dsam_cli.io.npz import check_finite
 from text3dsam_cli.io.volume import Volume
 
-#: File name endings that ``read_volume`` recognises, and the format each one means.
-SUFFIX_FORMATS: dict[str, str] = {
-    ".nii.gz": "nifti",
-    ".nii": "nifti",
-    ".nrrd": "nrrd",
-    ".nhdr": "nrrd",
-    ".mha": "metaimage",
-    ".mhd": "metaimage",
-    ".npz": "npz",
-    ".dcm": "dicom",
-}
+#: File name ending -> format name, for every ending ``read_volume`` recognises (derived from the registry).
+SUFFIX_FORMATS: dict[str, str] = {s: f.name for f in formats.INPUT_FORMATS for s in f.suffixes}
 
-_FORMAT_NAMES = {"nifti": "NIfTI", "nrrd": "NRRD", "metaimage": "MetaImage", "npz": "npz", "dicom": "DICOM"}
+__all__ = ["SUFFIX_FORMATS", "check_layout", "first_error_line", "image_format", "read_image_file", "read_volume",
+           "strip_image_suffix", "volume_from_image"]
 
 
 def image_format(path: str | os.PathLike[str]) -> str | None:
     """The format a file name's ending stands for ("nifti", "nrrd", "metaimage", "npz", "dicom"), or None."""
-    name = Path(path).name.lower()
-    for suffix, fmt in SUFFIX_FORMATS.items():
-        if name.endswith(suffix):
-            return fmt
-    return None
+    fmt = formats.input_format(path)
+    return None if fmt is None else fmt.name
 
 
 def strip_image_suffix(name: str) -> str:
     """A file name without its image ending (``case.nii.gz`` -> ``case``); other names unchanged."""
-    lower = name.lower()
-    for suffix in SUFFIX_FORMATS:
-        if lower.endswith(suffix) and len(name) > len(suffix):
-            return name[: -len(suffix)]
-    return name
+    return formats.strip_suffix(name)
 
 
 def read_volume(path: str | os.PathLike[str], series_uid: str | None = None) -> Volume:
     """Read an input image as a :class:`Volume`.
 
-    ``path`` may be a NIfTI (``.nii``/``.nii.gz``), NRRD (``.nrrd``/``.nhdr``), MetaImage (``.mha``/``.mhd``)
-    or challenge ``.npz`` file, a DICOM series folder, or one DICOM file (its series is read). ``series_uid``
-    picks a series in a DICOM folder holding several (default: the one with the most files).
+    ``path`` may be a file of any input format (:data:`text3dsam_cli.io.formats.INPUT_FORMATS`: NIfTI, NRRD,
+    MetaImage, challenge ``.npz``, one DICOM file, whose series is read) or a DICOM series folder.
+    ``series_uid`` picks a series in a DICOM folder holding several (default: the one with the most files).
     """
     path = Path(path)
     if not path.exists():
         raise InputError("no such file or folder", path)
     if path.is_dir():
-        return _read_dicom_folder(path, series_uid)
+        return _read_folder(path, series_uid)
     try:
         size = path.stat().st_size
     except OSError as exc:
@@ -81,39 +68,35 @@ def read_volume(path: str | os.PathLike[str], series_uid: str | None = None) -> 
         raise InputError("empty file (0 bytes)", path)
     if not os.access(path, os.R_OK):
         raise InputError("file is not readable (permission denied)", path)
-    from text3dsam_cli.io.dicom import is_dicom_file, read_dicom  # dicom.py imports this module
-
-    fmt = image_format(path)
-    if fmt == "npz":
-        return read_challenge_npz(path)
-    if fmt in ("nifti", "nrrd", "metaimage"):
-        return _read_image_file(path, fmt)
-    if fmt == "dicom" or is_dicom_file(path):
-        return read_dicom(path, series_uid)
-    known = ", ".join(SUFFIX_FORMATS)
-    raise InputError(f"unsupported file type (expected one of {known}, a DICOM file or a DICOM folder)", path)
+    fmt = formats.detect_format(path)
+    if fmt is None:
+        raise InputError(f"unsupported file type (expected {formats.describe_inputs()})", path)
+    return fmt.read(path, series_uid)
 
 
-def _read_dicom_folder(folder: Path, series_uid: str | None) -> Volume:
-    from text3dsam_cli.io.dicom import folder_has_dicom_images, read_dicom
+def _read_folder(folder: Path, series_uid: str | None) -> Volume:
+    from text3dsam_cli.io.dicom import folder_has_dicom_images
 
+    readers = [f for f in formats.INPUT_FORMATS if f.reads_folders]
     if not folder_has_dicom_images(folder):
-        raise InputError("no images in this folder (a folder input must be a DICOM series folder)", folder)
-    return read_dicom(folder, series_uid)
+        names = " or ".join(f.noun for f in readers)
+        raise InputError(f"no images in this folder (a folder input must be a {names})", folder)
+    return readers[0].read(folder, series_uid)
 
 
-def _read_image_file(path: Path, fmt: str) -> Volume:
-    name = _FORMAT_NAMES[fmt]
-    if fmt == "nifti" and path.name.lower().endswith(".gz"):
+def read_image_file(path: Path, fmt: formats.Format) -> Volume:
+    """A single-file image (NIfTI, NRRD, MetaImage) through SimpleITK, with the completeness checks ITK lacks."""
+    name = fmt.title
+    if fmt.name == "nifti" and path.name.lower().endswith(".gz"):
         volume = _read_float_nifti_gz_once(path)
         if volume is not None:
             return volume
-    if fmt == "nifti":
+    if fmt.name == "nifti":
         _check_nifti_header(path)
         _check_nifti_complete(path)
-    elif fmt == "metaimage":
+    elif fmt.name == "metaimage":
         _check_metaimage_complete(path)
-    with _itk_readable_name(path, fmt) as itk_name:
+    with _itk_readable_name(path, fmt.name) as itk_name:
         reader = sitk.ImageFileReader()
         reader.SetFileName(itk_name)
         try:
@@ -125,7 +108,7 @@ def _read_image_file(path: Path, fmt: str) -> Volume:
             raise InputError(f"cannot read the {name} header ({first_error_line(exc)})", path) from None
         check_layout(reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents(), path)
         count = check_voxel_count(reader.GetSize(), path)
-        if fmt == "nrrd":
+        if fmt.name == "nrrd":
             item = sitk.Image([1, 1], reader.GetPixelID()).GetSizeOfPixelComponent()
             _check_nrrd_complete(path, count * item * reader.GetNumberOfComponents())
         try:
@@ -133,9 +116,9 @@ def _read_image_file(path: Path, fmt: str) -> Volume:
         except RuntimeError as exc:
             raise InputError(f"cannot read the {name} image (truncated or corrupt: {first_error_line(exc)})",
                              path) from None
-    if fmt == "nifti" and image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+    if fmt.name == "nifti" and image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
         _check_nifti_finite(path)
-    return volume_from_image(image, path, fmt, None, {})
+    return volume_from_image(image, path, fmt.name, None, {})
 
 
 def _gzip_module() -> Any:
@@ -271,56 +254,6 @@ def _itk_readable_name(path: Path, fmt: str) -> Iterator[str]:
         except OSError:
             shutil.copyfile(path, alias)
         yield str(alias)
-
-
-def check_layout(dimension: int, size: tuple[int, ...], components: int, path: Path) -> None:
-    """Refuse anything but a single-channel 3-D image with more than one slice."""
-    shown = "x".join(str(s) for s in size)
-    if components != 1:
-        raise InputError(f"has {components} values per voxel (colour or vector image, size {shown}); "
-                         "a single-channel 3-D volume is needed", path)
-    if dimension < 3:
-        raise InputError(f"is a {dimension}-D image (size {shown}); a 3-D volume is needed", path)
-    if dimension > 3:
-        raise InputError(f"is a {dimension}-D image (size {shown}); only 3-D volumes are supported "
-                         "(extract one 3-D volume first)", path)
-    if size[2] < 2:
-        raise InputError(f"has a single slice (size {shown}), i.e. it is a 2-D image; a 3-D volume is needed",
-                         path)
-
-
-def volume_from_image(image: sitk.Image, path: Path, source_format: str, modality: str | None,
-                      meta: dict[str, Any]) -> Volume:
-    """Wrap a SimpleITK image as a :class:`Volume` after the layout and finiteness checks."""
-    check_layout(image.GetDimension(), image.GetSize(), image.GetNumberOfComponentsPerPixel(), path)
-    if "complex" in image.GetPixelIDTypeAsString():
-        raise InputError("has complex-valued voxels; a real-valued volume is needed", path)
-    array = sitk.GetArrayFromImage(image)
-    check_finite(array, path, "the image")
-    return Volume(
-        array=array,
-        spacing=tuple(float(v) for v in image.GetSpacing()),  # type: ignore[arg-type]
-        origin=tuple(float(v) for v in image.GetOrigin()),  # type: ignore[arg-type]
-        direction=tuple(float(v) for v in image.GetDirection()),
-        path=path,
-        source_format=source_format,
-        modality=modality,
-        meta=meta,
-    )
-
-
-def first_error_line(exc: BaseException) -> str:
-    """The informative part of a (multi-line) SimpleITK/ITK exception message, on one line."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    if not lines:
-        return type(exc).__name__
-    index = max((i for i, ln in enumerate(lines) if "ERROR" in ln), default=len(lines) - 1)
-    text = lines[index].split("ERROR:", 1)[-1].strip()
-    text = re.sub(r"^\w+\(0x[0-9a-fA-F]+\):\s*", "", text)
-    if (text.endswith(":") or not text) and index + 1 < len(lines):
-        text = lines[-1]
-    text = re.sub(r"^\[\w+\]\s*(\w+:\s*)?", "", text)
-    return text.rstrip(":").strip() or type(exc).__name__
 
 
 # --- completeness checks (ITK silently zero-fills truncated NIfTI files) ------------------------------------

@@ -1,9 +1,9 @@
 """Writing volumes (label maps, probability maps) with the geometry of the input they belong to.
 
-Output formats are chosen by the file name: ``.nii.gz``/``.nii`` (NIfTI), ``.nrrd``, ``.mha`` (MetaImage,
-single file) through SimpleITK, and ``.npz`` (challenge layout, key ``segs``). Every write is atomic.
-SimpleITK has no float16 pixel type: float16 arrays are written as float32 to NIfTI/NRRD/MHA and kept as
-float16 in ``.npz``. Boolean arrays are written as uint8.
+The output format is chosen by the file name through the registry (:mod:`text3dsam_cli.io.formats`: ``.nii.gz``/
+``.nii`` NIfTI, ``.nrrd``, ``.mha`` single-file MetaImage through SimpleITK, ``.npz`` challenge layout with key
+``segs``). Every write is atomic. SimpleITK has no float16 pixel type: float16 arrays are written as float32 to
+NIfTI/NRRD/MHA and kept as float16 in ``.npz``. Boolean arrays are written as uint8.
 """
 
 from __future__ import annotations
@@ -18,14 +18,13 @@ import numpy as np
 import SimpleITK as sitk
 
 from text3dsam_cli.errors import OutputError
+from text3dsam_cli.io import formats
 from text3dsam_cli.io.atomic import atomic_path, disk_full
-from text3dsam_cli.io.itk import captured_stderr, itk_path
-from text3dsam_cli.io.npz import write_challenge_npz
-from text3dsam_cli.io.readers import first_error_line, image_format
+from text3dsam_cli.io.itk import captured_stderr, first_error_line, itk_path
 from text3dsam_cli.io.volume import Volume
 
-#: File name endings ``write_volume`` accepts.
-OUTPUT_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".npz")
+#: File name endings ``write_volume`` accepts (from the registry).
+OUTPUT_SUFFIXES = formats.OUTPUT_SUFFIXES
 
 
 def _sitk_array(array: np.ndarray, path: Path) -> np.ndarray:
@@ -61,22 +60,28 @@ def is_orthogonal(direction: tuple[float, ...] | list[float], tol: float = 1e-4)
 
 
 def write_volume(volume: Volume, path: str | os.PathLike[str], compress: bool = True) -> Path:
-    """Write ``volume`` to ``path`` (format from the name) with its exact geometry; return the path.
+    """Write ``volume`` to ``path`` (format from the name, see :mod:`~text3dsam_cli.io.formats`) with its exact
+    geometry; return the path.
 
     ``.npz`` gets the challenge layout: the array under ``segs`` (no geometry, as the challenge expects).
     NIfTI cannot store a sheared (non-orthogonal) direction matrix, so such volumes are refused for NIfTI
-    (NRRD and MetaImage keep them exactly). The written file is checked before it gets its final name
-    (ITK reports some write errors, e.g. a full disk, only on stderr).
+    (NRRD and MetaImage keep them exactly).
     """
     path = Path(path)
-    fmt = image_format(path)
-    name = path.name.lower()
-    if not name.endswith(OUTPUT_SUFFIXES):
-        hint = " (write .mha or .nrrd: header/data file pairs are not written)" if fmt else ""
-        raise OutputError(f"unsupported output file type{hint}; use one of {', '.join(OUTPUT_SUFFIXES)}", path)
-    if fmt == "npz":
-        return write_challenge_npz(path, segs=np.asarray(volume.array))
-    if fmt == "nifti" and not is_orthogonal(volume.direction):
+    fmt = formats.output_format(path)
+    if fmt is None:
+        raise OutputError(f"unsupported output file type{formats.unwritable_hint(path)}; use one of "
+                          f"{', '.join(OUTPUT_SUFFIXES)}", path)
+    return fmt.write_volume(volume, path, compress)
+
+
+def write_itk_image(volume: Volume, path: Path, compress: bool = True, keeps_shear: bool = True) -> Path:
+    """Write ``volume`` through SimpleITK (the writer picked by the name's ending), atomically.
+
+    ``keeps_shear`` False (NIfTI) refuses a sheared direction matrix. The written file is checked before it
+    gets its final name (ITK reports some write errors, e.g. a full disk, only on stderr).
+    """
+    if not keeps_shear and not is_orthogonal(volume.direction):
         raise OutputError(SHEARED_NIFTI, path)
     image = volume_to_image(volume, path)
     data_bytes = image.GetNumberOfPixels() * image.GetSizeOfPixelComponent()
@@ -101,8 +106,10 @@ def write_volume(volume: Volume, path: str | os.PathLike[str], compress: bool = 
     return path
 
 
+_KEEP_SHEAR = formats.shear_keeping_suffixes()
 SHEARED_NIFTI = ("the image's direction matrix is not orthogonal (sheared geometry), which NIfTI cannot store "
-                 "(it would be coerced to a rotation); write .nrrd or .mha (--format nrrd), which keep it exactly")
+                 f"(it would be coerced to a rotation); write {' or '.join(_KEEP_SHEAR)} (--format "
+                 f"{_KEEP_SHEAR[0][1:]}), which keep it exactly")
 
 
 def _gunzip_size(fp: Any) -> int:
