@@ -29,12 +29,14 @@ from pathlib import Path
 from typing import Any
 
 from text3dsam_cli.errors import OutputError
-from text3dsam_cli.io.formats import WRITTEN_SUFFIXES
 
 TEMP_PREFIX = ".tmp-"
 NAME_MAX = 255
-#: Endings kept (lower-cased) on temporary names, longest first: every format's, and the other files written.
-KNOWN_SUFFIXES = tuple(sorted({*WRITTEN_SUFFIXES, ".json", ".png", ".csv", ".dcm"}, key=lambda s: (-len(s), s)))
+#: Endings kept (lower-cased) on temporary names, longest first: every ending of the format registry
+#: (``io/formats.py``; checked by tests/test_io_formats.py) and the other files written. Not imported from the
+#: registry, which depends on every writer and so on this module.
+KNOWN_SUFFIXES = (".rtstruct.dcm", ".seg.dcm", ".nii.gz", ".nii", ".nrrd", ".mha", ".npz", ".json", ".png", ".csv",
+                  ".dcm")
 _TEMP_RE = re.compile(r"^\.tmp-[0-9a-f]{8}-(.+)$")
 
 

@@ -25,13 +25,12 @@ from pydicom.valuerep import format_number_as_ds
 import text3dsam_cli
 from text3dsam_cli.errors import InputError, OutputError
 from text3dsam_cli.io.atomic import atomic_path, describe_os_error
-from text3dsam_cli.io.formats import DicomSeg
 from text3dsam_cli.io.itk import first_error_line
 from text3dsam_cli.io.segment_codes import code_for_prompt
 from text3dsam_cli.io.volume import Volume
 
 #: Message when the optional dependency is missing.
-MISSING_HIGHDICOM = DicomSeg().missing_message()
+MISSING_HIGHDICOM = "DICOM-SEG output needs highdicom: pip install 'text3dsam-cli[dicomseg]'"
 
 #: Segmented property category and type of a segment whose prompt names no known structure: the generic
 #: "Tissue" concept (SCT 85756007, CID 7150, 3D Slicer's default for unclassified segments) for both. A

@@ -64,17 +64,14 @@ class Format:
         return f"{self.title} label maps are not written"
 
     def write_volume(self, volume: Volume, path: Path, compress: bool = True) -> Path:
-        """Write ``volume`` (its array and geometry) to ``path`` atomically; return the path."""
+        """Write ``volume`` (a label map, a mask or one probability map, with its geometry) to ``path``
+        atomically; return the path. Reached through :func:`text3dsam_cli.io.writers.write_volume`."""
         raise NotImplementedError(f"{self.title} is not written")
-
-    def write_labels(self, volume: Volume, labels: np.ndarray, path: Path) -> Path:
-        """Write a label map (z, y, x) on ``volume``'s grid."""
-        return self.write_volume(volume.with_array(labels), path)
 
     def probability_files(self, stem: str, suffix: str, values: Sequence[int]) -> dict[str, Path]:
         """The probability outputs of a label map ``<stem><suffix>``, by output-plan key."""
         if self.probabilities == "bundle":
-            return {"probabilities": Path(f"{stem}_probabilities{suffix}")}
+            return {"probabilities": Path(f"{stem}_probabilities{self.output_suffixes[0]}")}
         if self.probabilities == "per_label":
             return {f"prob:{value}": Path(f"{stem}_prob{value}{suffix}") for value in values}
         return {}
@@ -98,12 +95,12 @@ class _ITKFormat(Format):
     """A single-file image format read and written through SimpleITK (the geometry kept exactly)."""
 
     def read(self, path: Path, series_uid: str | None = None) -> Volume:
-        from text3dsam_cli.io.readers import read_image_file
+        from text3dsam_cli.io.images import read_image_file
 
-        return read_image_file(path, self)
+        return read_image_file(path, self.name, self.title)
 
     def write_volume(self, volume: Volume, path: Path, compress: bool = True) -> Path:
-        from text3dsam_cli.io.writers import write_itk_image
+        from text3dsam_cli.io.images import write_itk_image
 
         return write_itk_image(volume, path, compress, keeps_shear=self.keeps_shear)
 
@@ -202,17 +199,11 @@ class _DicomCompanion(Format):
     source_format = "dicom"
     probabilities = None
     extra: ClassVar[str] = ""  # the pip extra that installs what it needs
-    module: ClassVar[str] = ""  # the module it needs
-    library: ClassVar[str] = ""  # that module's distribution name
     description: ClassVar[str] = ""  # for --help: "Also write <description> (...)"
-
-    def missing_message(self) -> str:
-        """The message when :attr:`module` cannot be imported."""
-        return f"{self.title} output needs {self.library}: pip install 'text3dsam-cli[{self.extra}]'"
 
     def missing(self) -> str | None:
         """Why it cannot be written here (its library is missing), or None."""
-        return self.missing_message() if importlib.util.find_spec(self.module) is None else None
+        return None
 
     def help(self) -> str:
         """The ``segment --<name>`` help text."""
@@ -235,7 +226,14 @@ class DicomSeg(_DicomCompanion):
 
     name, title, noun = "dicom_seg", "DICOM-SEG", "DICOM-SEG"
     output_suffixes = (".seg.dcm",)
-    extra, module, library, description = "dicomseg", "highdicom", "highdicom", "a DICOM-SEG"
+    extra, description = "dicomseg", "a DICOM-SEG"
+
+    def missing(self) -> str | None:
+        if importlib.util.find_spec("highdicom") is not None:
+            return None
+        from text3dsam_cli.io.dicomseg import MISSING_HIGHDICOM
+
+        return MISSING_HIGHDICOM
 
     def write(self, volume: Volume, labels: np.ndarray, values: Sequence[int], prompts: Sequence[str],
               path: Path, model_name: str, sources: Any = None) -> Path:
@@ -249,13 +247,12 @@ class RTStruct(_DicomCompanion):
 
     name, title, noun = "rtstruct", "RTSTRUCT", "RT Structure Set"
     output_suffixes = (".rtstruct.dcm",)
-    extra, module, library = "rtstruct", "skimage", "scikit-image"
-    description = "a DICOM RT Structure Set, one ROI per prompt"
+    extra, description = "rtstruct", "a DICOM RT Structure Set, one ROI per prompt"
 
     def missing(self) -> str | None:
-        from text3dsam_cli.io.rtstruct import skimage_available
+        from text3dsam_cli.io.rtstruct import MISSING_SKIMAGE, skimage_available
 
-        return None if skimage_available() else self.missing_message()
+        return None if skimage_available() else MISSING_SKIMAGE
 
     def check_source(self, volume: Volume) -> Any:
         from text3dsam_cli.io.dicomseg import read_source_series
@@ -358,9 +355,10 @@ def input_help() -> str:
     return ", ".join(f.noun for f in INPUT_FORMATS)
 
 
-def shear_keeping_suffixes() -> tuple[str, ...]:
-    """Label-map endings whose format stores a sheared direction matrix exactly."""
-    return tuple(s for f in LABEL_MAP_FORMATS if f.keeps_shear and f.stores_geometry for s in f.output_suffixes)
+def label_image_suffixes() -> tuple[str, ...]:
+    """Endings of label maps that carry their geometry (every label-map format but challenge npz): what
+    ``eval`` scores besides npz, spacing taken from the header."""
+    return tuple(s for f in LABEL_MAP_FORMATS if f.stores_geometry for s in f.output_suffixes)
 
 
 def output_help(separator: str = "/") -> str:

@@ -40,12 +40,11 @@ from text3dsam_cli.io.dicomseg import (
     _short_text,
     read_source_series,
 )
-from text3dsam_cli.io.formats import RTStruct
 from text3dsam_cli.io.segment_codes import code_for_prompt
 from text3dsam_cli.io.volume import Volume
 
 #: Message when the optional dependency is missing.
-MISSING_SKIMAGE = RTStruct().missing_message()
+MISSING_SKIMAGE = "RTSTRUCT output needs scikit-image: pip install 'text3dsam-cli[rtstruct]'"
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 CONTOUR_DATA = Tag(0x3006, 0x0050)
 #: Referenced SOP Class of RT Referenced Study Sequence items (Detached Study Management, as RT systems use).
