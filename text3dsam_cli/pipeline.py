@@ -42,7 +42,6 @@ from text3dsam_cli.outputs import (
     remove_marker,
     write_marker,
 )
-from text3dsam_cli.outputs import output_stem as _output_stem
 from text3dsam_cli.preprocess import (
     DEFAULT_WINDOW,
     KNOWN_MODALITIES,
@@ -198,11 +197,6 @@ def plan_outputs(items: Sequence[InputItem], options: SegmentOptions) -> list[Pa
         if os.path.realpath(out) in inputs:
             raise UsageError(f"output {out} would overwrite an input")
     return outputs
-
-
-def output_stem(path: Path) -> str:
-    """``out/case.nii.gz`` -> ``out/case`` (for sidecars, split masks, previews)."""
-    return _output_stem(path, FILE_SUFFIXES)
 
 
 def _stored_label_values(path: Path) -> list[int] | None:

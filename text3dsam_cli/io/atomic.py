@@ -32,9 +32,9 @@ from text3dsam_cli.errors import OutputError
 
 TEMP_PREFIX = ".tmp-"
 NAME_MAX = 255
-#: Endings kept (lower-cased) on temporary names, longest first: every ending of the format registry
-#: (``io/formats.py``; checked by tests/test_io_formats.py) and the other files written. Not imported from the
-#: registry, which depends on every writer and so on this module.
+#: Endings with more than one dot (or not lower case) kept on temporary names, longest first; any other ending
+#: of up to 8 characters is kept as it is. Every ending of the format registry (``io/formats.py``) must come out
+#: whole (tests/test_io_formats.py); not imported from the registry, which sits above every writer.
 KNOWN_SUFFIXES = (".rtstruct.dcm", ".seg.dcm", ".nii.gz", ".nii", ".nrrd", ".mha", ".npz", ".json", ".png", ".csv",
                   ".dcm")
 _TEMP_RE = re.compile(r"^\.tmp-[0-9a-f]{8}-(.+)$")

@@ -79,13 +79,6 @@ def itk_path(path: str | os.PathLike[str]) -> Iterator[str]:
         yield alias
 
 
-@contextlib.contextmanager
-def itk_folder(folder: str | os.PathLike[str]) -> Iterator[tuple[str, Path]]:
-    """An encodable name for a folder and the real folder (to map returned file names back)."""
-    with itk_path(folder) as name:
-        yield name, Path(folder)
-
-
 def check_layout(dimension: int, size: tuple[int, ...], components: int, path: Path) -> None:
     """Refuse anything but a single-channel 3-D image with more than one slice."""
     shown = "x".join(str(s) for s in size)
