@@ -28,7 +28,8 @@ class Format:
 
     Capability flags: ``suffixes`` empty = never read; ``output_suffixes`` empty = never written as a label map;
     ``reads_folders`` = an input may be a folder (a DICOM series); ``keeps_shear`` = a sheared (non-orthogonal)
-    direction matrix survives writing; ``probabilities`` = how ``--probabilities`` are written ("per_label":
+    direction matrix survives writing; ``stores_geometry`` = origin, spacing and direction are written (not in
+    challenge npz); ``probabilities`` = how ``--probabilities`` are written ("per_label":
     one ``<stem>_prob<v><suffix>`` map per prompt, "bundle": one ``<stem>_probabilities<suffix>`` file holding
     all, None: not at all); ``companion`` = written only beside a label map, for inputs of ``source_format``
     (DICOM-SEG, RTSTRUCT: switched on by the :class:`~text3dsam_cli.pipeline.SegmentOptions` field named
@@ -58,7 +59,8 @@ class Format:
         raise NotImplementedError(f"{self.title} is not read")
 
     def write_hint(self) -> str:
-        """Why a file of this format cannot be named as a label-map output, and what to write instead."""
+        """Why a file of this format cannot be named as a label-map output, and what to write instead (for an
+        ending that is read but not written; override when the reason is not a header/data pair)."""
         if self.output_suffixes:
             return f"header/data pairs are not written: use {' or '.join(self.output_suffixes)}"
         return f"{self.title} label maps are not written"
