@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 
 from text3dsam_cli.errors import InputError
-from text3dsam_cli.io import read_volume, readers
+from text3dsam_cli.io import images, read_volume
 
 
 def _affine(kind: str) -> np.ndarray:
@@ -48,7 +48,7 @@ def test_same_voxels_and_geometry_as_itk(tmp_path, kind, form, dtype, monkeypatc
     rng = np.random.default_rng(0)
     array = rng.normal(0, 100, (7, 9, 5))  # nibabel order (x, y, z)
     path = _write(tmp_path / "x.nii.gz", array, _affine(kind), dtype, form)
-    monkeypatch.setattr(readers, "_check_nifti_finite", lambda p: pytest.fail("decompressed a second time"))
+    monkeypatch.setattr(images, "_check_nifti_finite", lambda p: pytest.fail("decompressed a second time"))
     volume = read_volume(path)
     expected, spacing, origin, direction = _itk(path)
     assert volume.array.dtype == expected.dtype and volume.array.shape == expected.shape
@@ -88,5 +88,5 @@ def test_multi_member_gzip(tmp_path):
 
 def test_scaled_float_uses_itk_path(tmp_path):
     path = _write(tmp_path / "s.nii.gz", np.ones((4, 5, 6)), _affine("plain"), scale=(2.0, 1.0))
-    assert readers._read_float_nifti_gz_once(path) is None
+    assert images._read_float_nifti_gz_once(path) is None
     np.testing.assert_array_equal(read_volume(path).array, _itk(path)[0])

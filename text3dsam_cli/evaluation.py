@@ -8,7 +8,8 @@ classes and instance flag, and calls :mod:`text3dsam_cli.metrics`. Two layouts a
   image ``IMAGES/CASE.npz``; without ``images_dir`` from the ground-truth file when it holds them, else from
   ``GT/CASE.npz`` when that is the image (the challenge folder keeps ``CASE.npz`` and ``CASE_gt.npz`` side
   by side). Without prompts the classes come from ``labels_json``, else from the labels in the ground truth.
-* **Label images** (NIfTI ``.nii.gz``/``.nii``, also ``.mha``/``.nrrd``): ``PRED/CASE.nii.gz`` with
+* **Label images** (every label-map format of :mod:`text3dsam_cli.io.formats` that stores geometry: NIfTI
+  ``.nii.gz``/``.nii``, ``.nrrd``, ``.mha``): ``PRED/CASE.nii.gz`` with
   ``GT/CASE.nii.gz`` (or ``GT/CASE_gt.nii.gz``); spacing from the ground truth's header; classes from
   ``labels_json`` (``{"1": "liver", ...}``, an ``"instance_label": 1`` entry makes the cases instance
   cases) or all labels in the ground truth; semantic unless the JSON says otherwise.
@@ -38,8 +39,9 @@ from typing import Any
 
 import numpy as np
 
-from text3dsam_cli.errors import InputError, OutputError, Text3DSAMError, UsageError
-from text3dsam_cli.io.atomic import atomic_path, describe_os_error
+from text3dsam_cli.errors import InputError, Text3DSAMError, UsageError
+from text3dsam_cli.io import formats
+from text3dsam_cli.io.atomic import write_text
 from text3dsam_cli.io.npz import npz_keys, read_npz_array, read_text_prompts
 from text3dsam_cli.io.readers import read_volume
 from text3dsam_cli.io.volume import Volume
@@ -61,9 +63,9 @@ SPACING_ORDERS = ("xyz", "zyx")
 SEMANTIC_METRICS = ("DSC", "NSD")
 INSTANCE_METRICS = ("F1", "DSC_TP")
 CSV_COLUMNS = ("CaseName", *SEMANTIC_METRICS, *INSTANCE_METRICS)
-#: Prediction file endings understood, longest first.
-LABEL_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd")
-NPZ_SUFFIX = ".npz"
+#: Label-image prediction endings understood (from the format registry: label maps that carry geometry).
+LABEL_IMAGE_SUFFIXES = formats.label_image_suffixes()
+NPZ_SUFFIX = formats.ChallengeNpz.suffixes[0]
 
 
 @dataclass
@@ -359,19 +361,9 @@ def results_to_json(results: dict[str, Any]) -> str:
     return json.dumps(_json_safe(results), indent=2) + "\n"
 
 
-def _write_text(path: str | os.PathLike[str], text: str) -> Path:
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        try:
-            tmp.write_text(text, encoding="utf-8", errors="surrogateescape")  # case names keep their bytes
-        except OSError as exc:
-            raise OutputError(f"cannot write ({describe_os_error(exc)})", path) from None
-    return path
-
-
 def write_json(results: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     """Write :func:`results_to_json` to ``path`` (atomically)."""
-    return _write_text(path, results_to_json(results))
+    return write_text(path, results_to_json(results), errors="surrogateescape")  # case names keep their bytes
 
 
 def write_csv(results: dict[str, Any], path: str | os.PathLike[str]) -> Path:
@@ -385,4 +377,4 @@ def write_csv(results: dict[str, Any], path: str | os.PathLike[str]) -> Path:
             value = metrics.get(column)
             row.append("" if value is None or math.isnan(value) else repr(float(value)))
         writer.writerow(row)
-    return _write_text(path, buffer.getvalue())
+    return write_text(path, buffer.getvalue(), errors="surrogateescape")

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from text3dsam_cli.io.atomic import NAME_MAX, atomic_path
+from text3dsam_cli.io import formats
+from text3dsam_cli.io.atomic import NAME_MAX, write_json
 
 MARKER_SUFFIX = ".text3dsam-partial"
 
@@ -69,24 +70,23 @@ def output_stem(path: Path, suffixes: Sequence[str]) -> str:
 
 
 def plan_files(out: Path, suffixes: Sequence[str], values: Sequence[int] | None, split: bool, probabilities: bool,
-               preview: bool, dicom_seg: bool, rtstruct: bool = False) -> OutputPlan:
-    """The :class:`OutputPlan` of one input whose label map goes to ``out`` (``values``: its label values)."""
+               preview: bool, companions: Sequence[formats.Format] = ()) -> OutputPlan:
+    """The :class:`OutputPlan` of one input whose label map goes to ``out`` (``values``: its label values).
+
+    ``companions`` (:data:`~text3dsam_cli.io.formats.COMPANION_FORMATS`, e.g. DICOM-SEG) are planned first, as
+    ``<stem><their ending>`` under the key of their name; probabilities as the label map's format lays them out.
+    """
     stem = output_stem(out, suffixes)
     suffix = out.name[len(Path(stem).name):]
     extras: dict[str, Path] = {}
-    if dicom_seg:
-        extras["dicom_seg"] = Path(f"{stem}.seg.dcm")
-    if rtstruct:
-        extras["rtstruct"] = Path(f"{stem}.rtstruct.dcm")
+    for companion in companions:
+        extras[companion.name] = Path(f"{stem}{companion.output_suffixes[0]}")
     for value in values or []:
         if split:
             extras[f"mask:{value}"] = Path(f"{stem}_label{value}{suffix}")
-    if probabilities:
-        if suffix.lower() == ".npz":
-            extras["probabilities"] = Path(f"{stem}_probabilities.npz")
-        else:
-            for value in values or []:
-                extras[f"prob:{value}"] = Path(f"{stem}_prob{value}{suffix}")
+    fmt = formats.output_format(out)
+    if probabilities and fmt is not None:
+        extras.update(fmt.probability_files(stem, suffix, values or []))
     if preview:
         extras["preview"] = Path(f"{stem}_preview.png")
     return OutputPlan(labels=out, sidecar=Path(f"{stem}.json"), extras=extras)
@@ -187,8 +187,7 @@ class Claims:
 def write_marker(plan: OutputPlan, files: Iterable[Path]) -> None:
     """Record, before the first output is written, which files this input is about to write."""
     data = {"text3dsam_partial": True, "outputs": sorted({str(p) for p in files} | {str(plan.sidecar)})}
-    with atomic_path(plan.marker) as tmp:
-        tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    write_json(plan.marker, data, indent=1)
 
 
 def discard_attempt(plan: OutputPlan, created: Iterable[str], existed_before: set[str]) -> None:

@@ -6,8 +6,6 @@ the CLI renders. Each input succeeds or fails on its own; a bad input never stop
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import logging
 import os
 import re
@@ -23,8 +21,8 @@ import numpy as np
 from text3dsam_cli import __version__
 from text3dsam_cli.errors import CheckpointError, InputError, Text3DSAMError, UsageError
 from text3dsam_cli.inference import SegmentationResult, Segmenter
-from text3dsam_cli.io import InputItem, Volume, atomic_path, image_format, read_text_prompts, read_volume, write_volume
-from text3dsam_cli.io.atomic import clean_stale_temps
+from text3dsam_cli.io import InputItem, Volume, formats, read_text_prompts, read_volume, write_volume
+from text3dsam_cli.io.atomic import clean_stale_temps, write_json
 from text3dsam_cli.io.writers import SHEARED_NIFTI, is_orthogonal
 from text3dsam_cli.orientation import (
     DEFAULT_ORIENTATION,
@@ -44,7 +42,6 @@ from text3dsam_cli.outputs import (
     remove_marker,
     write_marker,
 )
-from text3dsam_cli.outputs import output_stem as _output_stem
 from text3dsam_cli.preprocess import (
     DEFAULT_WINDOW,
     KNOWN_MODALITIES,
@@ -59,9 +56,9 @@ from text3dsam_cli.quality import assess_labels
 
 log = logging.getLogger(__name__)
 
-#: ``--format`` choices -> file ending.
-FORMATS = {"nii.gz": ".nii.gz", "nii": ".nii", "nrrd": ".nrrd", "mha": ".mha", "npz": ".npz"}
-FILE_SUFFIXES = tuple(FORMATS.values())
+#: ``--format`` choices -> file ending (from the format registry, :mod:`text3dsam_cli.io.formats`).
+FORMATS = formats.FORMAT_CHOICES
+FILE_SUFFIXES = formats.OUTPUT_SUFFIXES
 DEFAULT_OUTPUT_DIR = "text3dsam_output"
 #: Default cap on prompts per input (``--max-prompts``; each prompt is decoded separately).
 DEFAULT_MAX_PROMPTS = 256
@@ -72,7 +69,7 @@ class SegmentOptions:
     """Everything about a segment run that is not the inputs, the prompts or the model."""
 
     output: str | None = None
-    fmt: str | None = None  # None: npz for npz inputs, nii.gz otherwise
+    fmt: str | None = None  # a FORMATS key; None: the input format's default_output (npz for npz, else nii.gz)
     series_uid: str | None = None
     modality: str | None = None
     window: str = DEFAULT_WINDOW
@@ -82,7 +79,7 @@ class SegmentOptions:
     split: bool = False
     probabilities: bool = False
     preview: bool = False
-    dicom_seg: bool = False
+    dicom_seg: bool = False  # one field per companion format, named as the format (io/formats.py)
     rtstruct: bool = False
     skip_existing: bool = False
     strict_prompts: bool = False  # refuse prompts that are not phrasings of the vocabulary
@@ -130,6 +127,16 @@ class RunSummary:
         }
 
 
+def companions(options: SegmentOptions) -> list[formats.Format]:
+    """The companion formats (DICOM-SEG, RTSTRUCT) a run writes: those whose options field is set."""
+    return [f for f in formats.COMPANION_FORMATS if getattr(options, f.name, False)]
+
+
+def option_name(fmt: formats.Format) -> str:
+    """The command-line switch of a companion format (``dicom_seg`` -> ``--dicom-seg``)."""
+    return "--" + fmt.name.replace("_", "-")
+
+
 def _has_file_suffix(path: str) -> bool:
     return path.lower().endswith(FILE_SUFFIXES)
 
@@ -146,18 +153,17 @@ def check_options(options: SegmentOptions) -> None:
         raise UsageError(f"unknown --modality {options.modality!r} (use one of {', '.join(sorted(KNOWN_MODALITIES))})")
     if options.max_prompts is not None and options.max_prompts < 1:
         raise UsageError("--max-prompts must be at least 1 (or 0 on the command line for no limit)")
-    if options.dicom_seg and importlib.util.find_spec("highdicom") is None:
-        from text3dsam_cli.io.dicomseg import MISSING_HIGHDICOM
-
-        raise UsageError(f"--dicom-seg: {MISSING_HIGHDICOM}")
+    for companion in companions(options):
+        missing = companion.missing()
+        if missing:
+            raise UsageError(f"{option_name(companion)}: {missing}")
     target = options.output
     if not target:
         return
     path = Path(target)
     is_file = _has_file_suffix(target)
     if not is_file and not path.is_dir() and _FILE_ENDING.search(path.name):
-        hint = " (header/data pairs are not written: use .nrrd or .mha)" if image_format(path) else ""
-        raise UsageError(f"-o {target}: not an output file type{hint}; give a file ending in "
+        raise UsageError(f"-o {target}: not an output file type{formats.unwritable_hint(path)}; give a file ending in "
                          f"{', '.join(FILE_SUFFIXES)}, or a folder (a new folder's name must not end like a file)")
     folder = path.parent if is_file else path
     existing = folder
@@ -185,18 +191,12 @@ def plan_outputs(items: Sequence[InputItem], options: SegmentOptions) -> list[Pa
             raise UsageError(f"-o {folder} exists and is not a folder")
         outputs = []
         for item in items:
-            suffix = FORMATS[fmt] if fmt else (".npz" if item.kind == "npz" else ".nii.gz")
-            outputs.append(folder / f"{item.stem}{suffix}")
+            outputs.append(folder / (f"{item.stem}{FORMATS[fmt]}" if fmt else item.name))
     inputs = {os.path.realpath(item.path) for item in items}
     for out in outputs:
         if os.path.realpath(out) in inputs:
             raise UsageError(f"output {out} would overwrite an input")
     return outputs
-
-
-def output_stem(path: Path) -> str:
-    """``out/case.nii.gz`` -> ``out/case`` (for sidecars, split masks, previews)."""
-    return _output_stem(path, FILE_SUFFIXES)
 
 
 def _stored_label_values(path: Path) -> list[int] | None:
@@ -272,12 +272,6 @@ def build_sidecar(item: InputItem, volume: Volume, result: SegmentationResult, m
         "outputs": outputs,
         "timings_s": {k: round(v, 4) for k, v in timings.items()},
     }
-
-
-def write_json(data: dict[str, Any], path: Path) -> None:
-    """Atomically write pretty JSON."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
 @dataclass
@@ -417,8 +411,7 @@ class SegmentRun:
         elif item.kind == "npz" and item.error is None:
             values = _stored_label_values(item.path)
         o = self.options
-        return plan_files(out, FILE_SUFFIXES, values, o.split, o.probabilities, o.preview, o.dicom_seg,
-                          o.rtstruct)
+        return plan_files(out, FILE_SUFFIXES, values, o.split, o.probabilities, o.preview, companions(o))
 
     def run(self, items: Sequence[InputItem]) -> RunSummary:
         """Process every input; failures are recorded, never raised (except usage errors)."""
@@ -466,18 +459,15 @@ class SegmentRun:
         if self.options.max_prompts and len(prompts) > self.options.max_prompts:
             raise InputError(f"{len(prompts)} prompts, more than --max-prompts {self.options.max_prompts} "
                              "(each prompt is decoded separately; raise the limit to run them all)", item.path)
-        if self.options.dicom_seg and volume.source_format != "dicom":
-            raise InputError("--dicom-seg needs a DICOM series input", item.path)
-        if self.options.rtstruct and volume.source_format != "dicom":
-            raise InputError("--rtstruct needs a DICOM series input", item.path)
-        sources = None
-        if self.options.rtstruct:  # refuse a series that cannot be referenced before the model runs
-            from text3dsam_cli.io.dicomseg import read_source_series
-
-            sources = read_source_series(volume, "RTSTRUCT")
+        wanted = companions(self.options)
+        for companion in wanted:
+            if volume.source_format != companion.source_format:
+                raise InputError(f"{option_name(companion)} needs a DICOM series input", item.path)
+        # Refuse a series that cannot be referenced before the model runs (what is read is kept for writing).
+        sources = {companion.name: companion.check_source(volume) for companion in wanted}
         o = self.options
         if not is_orthogonal(volume.direction) and any(
-                image_format(p) == "nifti" for p in plan.files):
+                not fmt.keeps_shear for fmt in map(formats.output_format, plan.files) if fmt is not None):
             raise InputError(SHEARED_NIFTI, item.path)
         t0 = time.perf_counter()
         # Only the preview shows the input's intensities; otherwise normalise a float input where it lies.
@@ -498,7 +488,7 @@ class SegmentRun:
                                 o.largest_component, o.min_size_ml)
         t_quality = time.perf_counter() - t0
         final = plan_files(plan.labels, FILE_SUFFIXES, result.label_values, o.split, o.probabilities and
-                           result.probabilities is not None, o.preview, o.dicom_seg, o.rtstruct)
+                           result.probabilities is not None, o.preview, wanted)
         if final.files != plan.files:  # label values known only now (an npz's own prompts): check again
             problem = claims.claim(final, str(item.path))
             if problem is not None:
@@ -514,7 +504,7 @@ class SegmentRun:
                        "write": time.perf_counter() - t0}
             sidecar = build_sidecar(item, volume, result, dict(self.segmenter.model.source), scan.describe(),
                                     written, timings, scan.orientation, quality)
-            write_json(sidecar, final.sidecar)
+            write_json(final.sidecar, sidecar)
         except BaseException:  # nothing half-done stays: remove what this attempt wrote (the marker goes last)
             discard_attempt(final, created, before)
             raise
@@ -523,7 +513,7 @@ class SegmentRun:
         return ItemOutcome(str(item.path), "ok", files, sidecar=sidecar)
 
     def _write_all(self, item: InputItem, volume: Volume, result: SegmentationResult, plan: OutputPlan,
-                   written: dict[str, str], created: list[str], sources: Any = None) -> None:
+                   written: dict[str, str], created: list[str], sources: dict[str, Any] | None = None) -> None:
         """Write every output of ``plan`` but the sidecar, recording each in ``written`` and ``created``."""
         extras = plan.extras
 
@@ -533,45 +523,25 @@ class SegmentRun:
 
         source = str(self.segmenter.model.source.get("model") or "Text3DSAM")
         name = source if self.segmenter.model.source.get("commit") else f"Text3DSAM ({Path(source).name})"
-        if "dicom_seg" in extras:  # first: the output most likely to be refused (source UIDs, highdicom)
-            from text3dsam_cli.io.dicomseg import write_dicom_seg
-
-            write_dicom_seg(volume, result.labels, result.label_values, result.prompts, extras["dicom_seg"],
-                            model_name=name)
-            record("dicom_seg", extras["dicom_seg"])
-        if "rtstruct" in extras:
-            from text3dsam_cli.io.rtstruct import write_rtstruct
-
-            write_rtstruct(volume, result.labels, result.label_values, result.prompts, extras["rtstruct"],
-                           model_name=name, sources=sources)
-            record("rtstruct", extras["rtstruct"])
-        record("labels", self._write_labels(volume, result, plan.labels))
+        for companion in formats.COMPANION_FORMATS:  # first: the outputs most likely to be refused
+            path = extras.get(companion.name)
+            if path is not None:
+                companion.write(volume, result.labels, result.label_values, result.prompts, path, model_name=name,
+                                sources=(sources or {}).get(companion.name))
+                record(companion.name, path)
+        record("labels", write_volume(volume.with_array(result.labels), plan.labels))  # format from the name
         for value, prompt in zip(result.label_values, result.prompts):
             path = extras.get(f"mask:{value}")
             if path is not None:
                 write_volume(volume.with_array((result.labels == value).astype(np.uint8)), path)
                 record(f"mask:{prompt}", path)
-        if result.probabilities is not None and "probabilities" in extras:
-            from text3dsam_cli.io import write_challenge_npz
-
-            write_challenge_npz(extras["probabilities"], probabilities=result.probabilities,
-                                label_values=np.asarray(result.label_values, dtype=np.int32))
-            record("probabilities", extras["probabilities"])
-        if result.probabilities is not None:
-            for j, (value, prompt) in enumerate(zip(result.label_values, result.prompts)):
-                path = extras.get(f"prob:{value}")
-                if path is not None:
-                    write_volume(volume.with_array(result.probabilities[j]), path)
-                    record(f"probabilities:{prompt}", path)
+        label_format = formats.output_format(plan.labels)
+        if result.probabilities is not None and label_format is not None:
+            for key, path in label_format.write_probabilities(volume, result.probabilities, result.label_values,
+                                                              result.prompts, extras):
+                record(key, path)
         if "preview" in extras:
             from text3dsam_cli.preview import write_preview
 
             write_preview(volume, result.labels, result.label_values, result.prompts, extras["preview"])
             record("preview", extras["preview"])
-
-    def _write_labels(self, volume: Volume, result: SegmentationResult, out: Path) -> Path:
-        if out.name.lower().endswith(".npz"):
-            from text3dsam_cli.io import write_challenge_npz
-
-            return write_challenge_npz(out, segs=result.labels)
-        return write_volume(volume.with_array(result.labels), out)

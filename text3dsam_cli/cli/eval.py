@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from text3dsam_cli.cli.app import app, err_console, handle_errors, is_debug, print_error
+from text3dsam_cli.io import formats
 
 if TYPE_CHECKING:  # rich.table is imported where a table is drawn (start-up time)
     from rich.table import Table
@@ -18,6 +19,7 @@ if TYPE_CHECKING:  # rich.table is imported where a table is drawn (start-up tim
 # The evaluation module (scipy, SimpleITK) is imported inside the functions: `text3dsam --help` and the other
 # commands should not pay for it.
 METRICS = ("DSC", "NSD", "F1", "DSC_TP")
+_LABEL_IMAGES = "/".join(formats.label_image_suffixes())
 
 
 class SpacingOrder(str, Enum):
@@ -56,9 +58,10 @@ def _table(results: dict[str, Any]) -> Table:
 @app.command("eval")
 @handle_errors
 def eval_command(
-    pred: Path = typer.Option(..., "--pred", help="Folder of predictions (CASE.npz with 'segs', or CASE.nii.gz)."),
-    gt: Path = typer.Option(..., "--gt", help="Folder of ground truth (CASE_gt.npz / CASE.npz with 'gts', or "
-                            "CASE.nii.gz)."),
+    pred: Path = typer.Option(..., "--pred", help="Folder of predictions (CASE.npz with 'segs', or label images "
+                              f"CASE{_LABEL_IMAGES})."),
+    gt: Path = typer.Option(..., "--gt", help="Folder of ground truth (CASE_gt.npz / CASE.npz with 'gts', or label "
+                            f"images CASE{_LABEL_IMAGES})."),
     images: Path | None = typer.Option(None, "--images", help="Folder of the challenge image npz files "
                                        "(spacing, text_prompts); default: taken from the ground-truth folder."),
     labels: Path | None = typer.Option(None, "--labels", help='Labels JSON {"1": "liver", ...}: the classes '

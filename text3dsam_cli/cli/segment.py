@@ -14,6 +14,7 @@ from rich.markup import escape
 from text3dsam_cli.cli.app import app, err_console, handle_errors, is_debug, one_line, parse_triple, print_error
 from text3dsam_cli.cli.model_cmds import MODEL_HELP
 from text3dsam_cli.errors import UsageError
+from text3dsam_cli.io import formats
 
 if TYPE_CHECKING:  # rich.table is imported where a table is drawn (start-up time)
     from rich.table import Table
@@ -56,13 +57,13 @@ def print_path(path: str) -> None:
 @app.command("segment")
 @handle_errors
 def segment_command(
-    input: str = typer.Argument(..., help="NIfTI/NRRD/MHA file, DICOM series folder, challenge .npz, a folder of "
-                                "those, or '-' to read paths from stdin (one per line).", show_default=False),
+    input: str = typer.Argument(..., help=f"One input ({formats.input_help()}), a folder of those, or '-' to read "
+                                "paths from stdin (one per line).", show_default=False),
     prompts: list[str] = typer.Argument(None, help="Free-text prompts; label values 1..K in this order. "
                                         "Optional for challenge npz that carry text_prompts.", show_default=False),
     prompt_file: str = typer.Option(None, "--prompt-file", help='Prompts from a file: JSON {"1": "liver", '
                                     '"5": "spleen"} (label values as given) or one prompt per line.'),
-    output: str = typer.Option(None, "--output", "-o", help="Output file (.nii.gz/.nii/.nrrd/.mha/.npz, one input) "
+    output: str = typer.Option(None, "--output", "-o", help=f"Output file ({formats.output_help()}, one input) "
                                "or folder (created). Default: ./text3dsam_output/."),
     model: str = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     revision: str = typer.Option(None, "--revision", help="Branch, tag or commit of the hub repo."),
@@ -74,8 +75,7 @@ def segment_command(
                                 "number (default: the checkpoint's, else the input's)."),
     overlap: float = typer.Option(0.5, "--overlap", help="Sliding-window overlap (0..1)."),
     sw_batch_size: int = typer.Option(2, "--sw-batch-size", help="Windows encoded per batch."),
-    fmt: str = typer.Option(None, "--format", help="Output format in folder mode: nii.gz, nii, nrrd, mha, npz "
-                            "(default: npz for npz inputs, else nii.gz)."),
+    fmt: str = typer.Option(None, "--format", help=formats.format_help()),
     series: str = typer.Option(None, "--series", help="SeriesInstanceUID to read from a DICOM folder "
                                "(default: the series with the most files)."),
     modality: str = typer.Option(None, "--modality", help="CT, MR, PT, US, ... (default: DICOM tag, else a "
@@ -91,16 +91,12 @@ def segment_command(
     min_size_ml: float = typer.Option(None, "--min-size-ml", help="Drop components smaller than this many ml "
                                       "from each label (before any output is written)."),
     split: bool = typer.Option(False, "--split", help="Also write one binary mask per prompt."),
-    probabilities: bool = typer.Option(False, "--probabilities", help="Also write per-prompt probabilities "
-                                       "(float16 in npz, float32 in NIfTI/NRRD/MHA)."),
+    probabilities: bool = typer.Option(False, "--probabilities", help=formats.probabilities_help()),
     preview: bool = typer.Option(False, "--preview", help="Also write a PNG: three orthogonal slices per label."),
-    dicom_seg: bool = typer.Option(False, "--dicom-seg", help="Also write a DICOM-SEG (DICOM inputs; needs the "
-                                   "'dicomseg' extra: pip install 'text3dsam-cli[dicomseg]')."),
+    dicom_seg: bool = typer.Option(False, "--dicom-seg", help=formats.DicomSeg().help()),
     strict_prompts: bool = typer.Option(False, "--strict-prompts", help="Refuse prompts that are not phrasings "
                                         "the model was trained on (see 'text3dsam prompts'); default: warn."),
-    rtstruct: bool = typer.Option(False, "--rtstruct", help="Also write a DICOM RT Structure Set, one ROI per "
-                                  "prompt (DICOM inputs; needs the 'rtstruct' extra: pip install "
-                                  "'text3dsam-cli[rtstruct]')."),
+    rtstruct: bool = typer.Option(False, "--rtstruct", help=formats.RTStruct().help()),
     skip_existing: bool = typer.Option(False, "--skip-existing", help="Skip inputs that are done: their sidecar "
                                        "lists every output this run would write and all of them exist."),
     max_prompts: int = typer.Option(256, "--max-prompts", help="Refuse an input with more prompts than this "
@@ -122,7 +118,7 @@ def segment_command(
     """
     from text3dsam_cli.devices import set_threads
     from text3dsam_cli.inference import Segmenter
-    from text3dsam_cli.io import expand_inputs, image_format, select_shard
+    from text3dsam_cli.io import expand_inputs, select_shard
     from text3dsam_cli.io.itk import silence_itk_warnings
     from text3dsam_cli.model import load_model
     from text3dsam_cli.orientation import check_request
@@ -139,7 +135,7 @@ def segment_command(
     if any(not p.strip() for p in prompts):
         raise UsageError("empty prompt: every PROMPT must contain text")
     for prompt in prompts:
-        if ("/" in prompt or os.sep in prompt or image_format(prompt)) and os.path.exists(prompt):
+        if ("/" in prompt or os.sep in prompt or formats.input_format(prompt)) and os.path.exists(prompt):
             raise UsageError(f"prompt {prompt!r} is an existing path: segment takes ONE input (a file, a folder "
                              "of inputs, or '-' to read paths from stdin) followed by text prompts")
     label_values = None
@@ -156,11 +152,6 @@ def segment_command(
         for prompt, match in unknown:
             warn(describe_unknown(prompt, match))
             warned.add(prompt)
-    if rtstruct:
-        from text3dsam_cli.io.rtstruct import MISSING_SKIMAGE, skimage_available
-
-        if not skimage_available():
-            raise UsageError(f"--rtstruct: {MISSING_SKIMAGE}")
     try:
         orientation = check_request(orientation)
     except UsageError as exc:

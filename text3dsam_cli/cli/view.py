@@ -7,13 +7,13 @@ from rich.markup import escape
 
 from text3dsam_cli.cli.app import app, err_console, handle_errors, parse_triple
 from text3dsam_cli.cli.model_cmds import MODEL_HELP
+from text3dsam_cli.io import formats
 
 
 @app.command("view")
 @handle_errors
 def view_command(
-    input: str = typer.Argument(..., help="One scan: NIfTI/NRRD/MHA file, DICOM series folder or challenge .npz.",
-                                show_default=False),
+    input: str = typer.Argument(..., help=f"One scan: {formats.input_help()}.", show_default=False),
     model: str = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     revision: str = typer.Option(None, "--revision", help="Branch, tag or commit of the hub repo."),
     device: str = typer.Option("auto", "--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps."),

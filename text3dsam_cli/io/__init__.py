@@ -1,53 +1,60 @@
-"""Reading inputs (NIfTI, NRRD, MetaImage, DICOM series, challenge npz) and writing results atomically."""
+"""Reading inputs and writing results atomically, for every format of :mod:`text3dsam_cli.io.formats`.
 
-from text3dsam_cli.io.atomic import atomic_path
-from text3dsam_cli.io.dicom import (
-    DicomSeries,
-    choose_series,
-    folder_has_dicom_images,
-    is_dicom_file,
-    list_series,
-    read_dicom,
-)
-from text3dsam_cli.io.inputs import InputItem, expand_inputs, parse_shard, select_shard
-from text3dsam_cli.io.npz import (
-    npz_keys,
-    read_challenge_npz,
-    read_npz_array,
-    read_npz_object,
-    read_text_prompts,
-    write_challenge_npz,
-)
-from text3dsam_cli.io.readers import SUFFIX_FORMATS, image_format, read_volume, strip_image_suffix
-from text3dsam_cli.io.volume import Volume
-from text3dsam_cli.io.writers import OUTPUT_SUFFIXES, label_dtype, volume_to_image, write_label_map, write_volume
+The names below are imported on first use (PEP 562), so that importing a light part of the package (the format
+registry, atomic writing) does not load SimpleITK, pydicom or nibabel.
+"""
 
-__all__ = [
-    "OUTPUT_SUFFIXES",
-    "SUFFIX_FORMATS",
-    "DicomSeries",
-    "InputItem",
-    "Volume",
-    "atomic_path",
-    "choose_series",
-    "expand_inputs",
-    "folder_has_dicom_images",
-    "image_format",
-    "is_dicom_file",
-    "label_dtype",
-    "list_series",
-    "npz_keys",
-    "parse_shard",
-    "read_challenge_npz",
-    "read_dicom",
-    "read_npz_array",
-    "read_npz_object",
-    "read_text_prompts",
-    "read_volume",
-    "select_shard",
-    "strip_image_suffix",
-    "volume_to_image",
-    "write_challenge_npz",
-    "write_label_map",
-    "write_volume",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+#: Public name -> module that defines it.
+_EXPORTS = {
+    "atomic_path": "atomic",
+    "write_json": "atomic",
+    "write_text": "atomic",
+    "DicomSeries": "dicom",
+    "choose_series": "dicom",
+    "folder_has_dicom_images": "dicom",
+    "is_dicom_file": "dicom",
+    "list_series": "dicom",
+    "read_dicom": "dicom",
+    "FORMATS": "formats",
+    "Format": "formats",
+    "InputItem": "inputs",
+    "expand_inputs": "inputs",
+    "parse_shard": "inputs",
+    "select_shard": "inputs",
+    "npz_keys": "npz",
+    "read_challenge_npz": "npz",
+    "read_npz_array": "npz",
+    "read_npz_object": "npz",
+    "read_text_prompts": "npz",
+    "write_challenge_npz": "npz",
+    "SUFFIX_FORMATS": "readers",
+    "image_format": "readers",
+    "read_volume": "readers",
+    "strip_image_suffix": "readers",
+    "Volume": "volume",
+    "OUTPUT_SUFFIXES": "writers",
+    "label_dtype": "writers",
+    "volume_to_image": "writers",
+    "write_label_map": "writers",
+    "write_volume": "writers",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -10,6 +10,9 @@ Guarantees (see docs/formats.md, "Atomic writes"):
   case-sensitive suffix), the name part hashed when the result would exceed the file system's 255-byte name
   limit, and non-UTF-8 bytes replaced, so that C++ libraries always get an encodable path.
   :func:`clean_stale_temps` removes temporary files of given targets left by a killed run.
+
+:func:`write_text` and :func:`write_json` are the one way the package writes a text or JSON file (sidecars,
+markers, ``config.json``, tokenizer files, training state, evaluation reports).
 """
 
 from __future__ import annotations
@@ -17,18 +20,23 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import re
 import secrets
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from text3dsam_cli.errors import OutputError
 
 TEMP_PREFIX = ".tmp-"
 NAME_MAX = 255
-#: Endings kept (lower-cased) on temporary names, longest first.
-KNOWN_SUFFIXES = (".nii.gz", ".seg.dcm", ".nii", ".nrrd", ".mha", ".npz", ".json", ".png", ".csv", ".dcm")
+#: Endings with more than one dot (or not lower case) kept on temporary names, longest first; any other ending
+#: of up to 8 characters is kept as it is. Every ending of the format registry (``io/formats.py``) must come out
+#: whole (tests/test_io_formats.py); not imported from the registry, which sits above every writer.
+KNOWN_SUFFIXES = (".rtstruct.dcm", ".seg.dcm", ".nii.gz", ".nii", ".nrrd", ".mha", ".npz", ".json", ".png", ".csv",
+                  ".dcm")
 _TEMP_RE = re.compile(r"^\.tmp-[0-9a-f]{8}-(.+)$")
 
 
@@ -184,3 +192,20 @@ def atomic_path(target: str | os.PathLike[str],
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+def write_text(path: str | os.PathLike[str], text: str, errors: str = "strict") -> Path:
+    """Write ``text`` as UTF-8 to ``path`` atomically (:func:`atomic_path`); return the path.
+
+    ``errors="surrogateescape"`` writes names holding undecodable file-name bytes back as those bytes.
+    """
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8", errors=errors)
+    return path
+
+
+def write_json(path: str | os.PathLike[str], data: Any, indent: int | None = 2,
+               default: Callable[[Any], Any] | None = None) -> Path:
+    """Write ``data`` as JSON (``indent`` spaces, a final newline) to ``path`` atomically; return the path."""
+    return write_text(path, json.dumps(data, indent=indent, default=default) + "\n")

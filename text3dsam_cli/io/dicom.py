@@ -22,9 +22,8 @@ import SimpleITK as sitk
 
 from text3dsam_cli.errors import InputError
 from text3dsam_cli.io.atomic import encodable
-from text3dsam_cli.io.itk import itk_path
+from text3dsam_cli.io.itk import first_error_line, itk_path, volume_from_image
 from text3dsam_cli.io.limits import check_voxel_count
-from text3dsam_cli.io.readers import first_error_line, volume_from_image
 from text3dsam_cli.io.volume import Volume
 
 #: Modalities of DICOM objects that hold no image volume to segment.

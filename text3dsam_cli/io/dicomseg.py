@@ -25,7 +25,7 @@ from pydicom.valuerep import format_number_as_ds
 import text3dsam_cli
 from text3dsam_cli.errors import InputError, OutputError
 from text3dsam_cli.io.atomic import atomic_path, describe_os_error
-from text3dsam_cli.io.readers import first_error_line
+from text3dsam_cli.io.itk import first_error_line
 from text3dsam_cli.io.segment_codes import code_for_prompt
 from text3dsam_cli.io.volume import Volume
 

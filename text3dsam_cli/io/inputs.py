@@ -2,15 +2,17 @@
 
 Rules (see ``docs/formats.md``):
 
-* a file with a known ending (``.nii.gz``, ``.nii``, ``.nrrd``, ``.nhdr``, ``.mha``, ``.mhd``, ``.npz``,
-  ``.dcm``) or any DICOM file is one input (a DICOM file stands for its series);
+* a file with an ending of an input format of the registry (:mod:`text3dsam_cli.io.formats`: ``.nii.gz``,
+  ``.nii``, ``.nrrd``, ``.nhdr``, ``.mha``, ``.mhd``, ``.npz``, ``.dcm``) or any DICOM file is one input (a
+  DICOM file stands for its series);
 * a folder that directly holds DICOM image files and no other image files is one input: a DICOM series;
 * any other folder is a folder of inputs: its image files (hidden files and ``*_gt.npz`` ground-truth files
   skipped) plus each direct subfolder that is a DICOM series folder; deeper folders are not searched;
 * ``-`` reads more arguments from standard input, one path per line (blank lines ignored).
 
-Each input gets an output ``name``: the input file name for ``.npz`` (the challenge convention), else
-``<stem>.nii.gz``; the stem is the file name without its image ending, or the folder name for DICOM series.
+Each input gets an output ``name``: ``<stem>`` plus its format's ``default_output`` (the input file name for
+``.npz``, the challenge convention; ``<stem>.nii.gz`` for the others); the stem is the file name without its
+image ending, or the folder name for DICOM series.
 When two inputs would share a name, their parent folder names are prefixed until the names differ.
 """
 
@@ -26,10 +28,13 @@ from pathlib import Path
 from typing import TextIO
 
 from text3dsam_cli.errors import InputError, UsageError
+from text3dsam_cli.io import formats
 from text3dsam_cli.io.dicom import folder_has_dicom_images, is_dicom_file
 from text3dsam_cli.io.readers import image_format, strip_image_suffix
 
 GT_SUFFIX = "_gt.npz"
+#: The format whose inputs may be folders (DICOM series).
+_SERIES = next(f for f in formats.INPUT_FORMATS if f.reads_folders)
 
 
 @dataclass(frozen=True)
@@ -46,20 +51,20 @@ class InputItem:
 
     @property
     def name(self) -> str:
-        """Output file name: the input name for npz, ``<stem>.nii.gz`` otherwise."""
-        return f"{self.stem}.npz" if self.kind == "npz" else f"{self.stem}.nii.gz"
+        """Default output file name: the stem plus the ``default_output`` ending of the input's format
+        (``case.npz`` for npz inputs, ``case.nii.gz`` otherwise)."""
+        fmt = formats.by_name(self.kind)
+        return f"{self.stem}{(fmt or formats.Format).default_output}"
 
 
 def _file_item(path: Path) -> InputItem | None:
-    fmt = image_format(path)
-    if fmt is None and is_dicom_file(path):
-        fmt = "dicom"
+    fmt = formats.detect_format(path)
     if fmt is None:
         return None
     stem = strip_image_suffix(path.name)
-    if fmt == "dicom":
+    if fmt.reads_folders:  # one file of a series stands for its folder
         stem = path.parent.name or stem
-    return InputItem(path=path, kind=fmt, stem=stem)
+    return InputItem(path=path, kind=fmt.name, stem=stem)
 
 
 def _is_series_folder(folder: Path) -> bool:
@@ -68,7 +73,7 @@ def _is_series_folder(folder: Path) -> bool:
         files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
     except OSError:
         return False
-    if any(image_format(p) not in (None, "dicom") for p in files):
+    if any(image_format(p) not in (None, _SERIES.name) for p in files):
         return False
     return folder_has_dicom_images(folder)
 
@@ -79,7 +84,7 @@ def _expand_folder(folder: Path) -> list[InputItem]:
     except OSError as exc:
         raise InputError(f"cannot list the folder ({exc.strerror or exc})", folder) from None
     if _is_series_folder(folder):
-        return [InputItem(path=folder, kind="dicom", stem=folder.name)]
+        return [InputItem(path=folder, kind=_SERIES.name, stem=folder.name)]
     items: list[InputItem] = []
     loose_dicom = False
     for entry in entries:
@@ -96,22 +101,23 @@ def _expand_folder(folder: Path) -> list[InputItem]:
             continue
         if entry.is_dir():
             if _is_series_folder(entry):
-                items.append(InputItem(path=entry, kind="dicom", stem=entry.name))
+                items.append(InputItem(path=entry, kind=_SERIES.name, stem=entry.name))
             continue
         if entry.name.lower().endswith(GT_SUFFIX):
             continue
         fmt = image_format(entry)
-        if fmt in (None, "dicom"):
+        if fmt in (None, _SERIES.name):
             loose_dicom = loose_dicom or is_dicom_file(entry)
             continue
         item = _file_item(entry)
         if item is not None:
             items.append(item)
     if loose_dicom and folder_has_dicom_images(folder):
-        items.append(InputItem(path=folder, kind="dicom", stem=folder.name))
+        items.append(InputItem(path=folder, kind=_SERIES.name, stem=folder.name))
     if not items:
-        raise InputError("no images in this folder (looked for .nii.gz, .nii, .nrrd, .nhdr, .mha, .mhd, "
-                         ".npz files and DICOM series)", folder)
+        series = " and ".join(f"{f.title} series" for f in formats.INPUT_FORMATS if f.reads_folders)
+        raise InputError(f"no images in this folder (looked for {', '.join(formats.file_input_suffixes())} files "
+                         f"and {series})", folder)
     return items
 
 
@@ -123,8 +129,8 @@ def _expand_one(arg: str) -> list[InputItem]:
         return _expand_folder(path)
     item = _file_item(path)
     if item is None:
-        raise InputError("unsupported file type (expected .nii.gz, .nii, .nrrd, .nhdr, .mha, .mhd, .npz, "
-                         "a DICOM file or a folder)", path)
+        raise InputError(f"unsupported file type (expected {formats.describe_inputs()}, or a folder of inputs)",
+                         path)
     return [item]
 
 
@@ -153,13 +159,9 @@ def _resolved(path: Path) -> Path:
 def _anchor(item: InputItem) -> Path:
     """The folder whose name (and its parents' names) can tell apart inputs that share a stem."""
     path = _resolved(item.path)
-    if item.kind == "dicom" and path.is_file():
+    if item.kind == _SERIES.name and path.is_file():
         return path.parent.parent  # the stem is already the series folder's name
     return path.parent
-
-
-def _output_name(kind: str, stem: str) -> str:
-    return InputItem(Path(), kind, stem).name
 
 
 def _unique_stems(items: list[InputItem]) -> list[InputItem]:

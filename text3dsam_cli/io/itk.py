@@ -6,6 +6,8 @@
 * Some ITK parts (niftilib's "** ERROR: NWAD" on a full disk, MetaIO, GDCM) print straight to the C stderr
   instead of raising. :func:`captured_stderr` redirects file descriptor 2 around such calls and hands the
   text back, so the caller can turn it into one clear line (and log it for ``--debug``).
+* :func:`volume_from_image` turns a SimpleITK image into a :class:`Volume` after the checks every reader
+  applies (:func:`check_layout`, finite voxels); :func:`first_error_line` makes ITK's exceptions one line.
 """
 
 from __future__ import annotations
@@ -13,15 +15,20 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import SimpleITK as sitk
 
+from text3dsam_cli.errors import InputError
 from text3dsam_cli.io.atomic import _split_suffix, encodable
+from text3dsam_cli.io.npz import check_finite
+from text3dsam_cli.io.volume import Volume
 
 log = logging.getLogger(__name__)
 _STDERR_LOCK = threading.Lock()
@@ -72,8 +79,51 @@ def itk_path(path: str | os.PathLike[str]) -> Iterator[str]:
         yield alias
 
 
-@contextlib.contextmanager
-def itk_folder(folder: str | os.PathLike[str]) -> Iterator[tuple[str, Path]]:
-    """An encodable name for a folder and the real folder (to map returned file names back)."""
-    with itk_path(folder) as name:
-        yield name, Path(folder)
+def check_layout(dimension: int, size: tuple[int, ...], components: int, path: Path) -> None:
+    """Refuse anything but a single-channel 3-D image with more than one slice."""
+    shown = "x".join(str(s) for s in size)
+    if components != 1:
+        raise InputError(f"has {components} values per voxel (colour or vector image, size {shown}); "
+                         "a single-channel 3-D volume is needed", path)
+    if dimension < 3:
+        raise InputError(f"is a {dimension}-D image (size {shown}); a 3-D volume is needed", path)
+    if dimension > 3:
+        raise InputError(f"is a {dimension}-D image (size {shown}); only 3-D volumes are supported "
+                         "(extract one 3-D volume first)", path)
+    if size[2] < 2:
+        raise InputError(f"has a single slice (size {shown}), i.e. it is a 2-D image; a 3-D volume is needed",
+                         path)
+
+
+def volume_from_image(image: sitk.Image, path: Path, source_format: str, modality: str | None,
+                      meta: dict[str, Any]) -> Volume:
+    """Wrap a SimpleITK image as a :class:`Volume` after the layout and finiteness checks."""
+    check_layout(image.GetDimension(), image.GetSize(), image.GetNumberOfComponentsPerPixel(), path)
+    if "complex" in image.GetPixelIDTypeAsString():
+        raise InputError("has complex-valued voxels; a real-valued volume is needed", path)
+    array = sitk.GetArrayFromImage(image)
+    check_finite(array, path, "the image")
+    return Volume(
+        array=array,
+        spacing=tuple(float(v) for v in image.GetSpacing()),  # type: ignore[arg-type]
+        origin=tuple(float(v) for v in image.GetOrigin()),  # type: ignore[arg-type]
+        direction=tuple(float(v) for v in image.GetDirection()),
+        path=path,
+        source_format=source_format,
+        modality=modality,
+        meta=meta,
+    )
+
+
+def first_error_line(exc: BaseException) -> str:
+    """The informative part of a (multi-line) SimpleITK/ITK exception message, on one line."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    index = max((i for i, ln in enumerate(lines) if "ERROR" in ln), default=len(lines) - 1)
+    text = lines[index].split("ERROR:", 1)[-1].strip()
+    text = re.sub(r"^\w+\(0x[0-9a-fA-F]+\):\s*", "", text)
+    if (text.endswith(":") or not text) and index + 1 < len(lines):
+        text = lines[-1]
+    text = re.sub(r"^\[\w+\]\s*(\w+:\s*)?", "", text)
+    return text.rstrip(":").strip() or type(exc).__name__

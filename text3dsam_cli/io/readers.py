@@ -1,78 +1,46 @@
-"""``read_volume``: one entry point for NIfTI, NRRD, MetaImage, DICOM series and challenge npz inputs.
+"""``read_volume``: one entry point for every input format of :mod:`text3dsam_cli.io.formats`.
 
-Images are read with SimpleITK and kept exactly as ``sitk.GetArrayFromImage`` gives them: (z, y, x) in the
-file's native dtype, with origin, spacing and direction in ITK's LPS terms. Anything that is not a single
-channel 3-D volume of finite numbers is refused with an :class:`InputError` naming the file.
+The format comes from the file name's ending (or, for DICOM files without ``.dcm``, the content) and its
+registry class reads it: single-file images through SimpleITK (:mod:`text3dsam_cli.io.images`), DICOM series
+(:mod:`text3dsam_cli.io.dicom`), challenge npz (:mod:`text3dsam_cli.io.npz`). Every reader gives a single-channel
+3-D :class:`Volume` of finite numbers or raises an :class:`InputError` naming the file.
 """
 
 from __future__ import annotations
 
-import contextlib
-import gzip
 import os
-import re
-import shutil
-import tempfile
-import zlib
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import SimpleITK as sitk
 
 from text3dsam_cli.errors import InputError
-from text3dsam_cli.io.atomic import encodable
-from text3dsam_cli.io.itk import itk_path
-from text3dsam_cli.io.limits import check_voxel_count
-from text3dsam_cli.io.npz import check_finite, read_challenge_npz
+from text3dsam_cli.io import formats
 from text3dsam_cli.io.volume import Volume
 
-#: File name endings that ``read_volume`` recognises, and the format each one means.
-SUFFIX_FORMATS: dict[str, str] = {
-    ".nii.gz": "nifti",
-    ".nii": "nifti",
-    ".nrrd": "nrrd",
-    ".nhdr": "nrrd",
-    ".mha": "metaimage",
-    ".mhd": "metaimage",
-    ".npz": "npz",
-    ".dcm": "dicom",
-}
-
-_FORMAT_NAMES = {"nifti": "NIfTI", "nrrd": "NRRD", "metaimage": "MetaImage", "npz": "npz", "dicom": "DICOM"}
-
+#: File name ending -> format name, for every ending ``read_volume`` recognises (derived from the registry).
+SUFFIX_FORMATS: dict[str, str] = {s: f.name for f in formats.INPUT_FORMATS for s in f.suffixes}
 
 def image_format(path: str | os.PathLike[str]) -> str | None:
     """The format a file name's ending stands for ("nifti", "nrrd", "metaimage", "npz", "dicom"), or None."""
-    name = Path(path).name.lower()
-    for suffix, fmt in SUFFIX_FORMATS.items():
-        if name.endswith(suffix):
-            return fmt
-    return None
+    fmt = formats.input_format(path)
+    return None if fmt is None else fmt.name
 
 
 def strip_image_suffix(name: str) -> str:
     """A file name without its image ending (``case.nii.gz`` -> ``case``); other names unchanged."""
-    lower = name.lower()
-    for suffix in SUFFIX_FORMATS:
-        if lower.endswith(suffix) and len(name) > len(suffix):
-            return name[: -len(suffix)]
-    return name
+    return formats.strip_suffix(name)
 
 
 def read_volume(path: str | os.PathLike[str], series_uid: str | None = None) -> Volume:
     """Read an input image as a :class:`Volume`.
 
-    ``path`` may be a NIfTI (``.nii``/``.nii.gz``), NRRD (``.nrrd``/``.nhdr``), MetaImage (``.mha``/``.mhd``)
-    or challenge ``.npz`` file, a DICOM series folder, or one DICOM file (its series is read). ``series_uid``
-    picks a series in a DICOM folder holding several (default: the one with the most files).
+    ``path`` may be a file of any input format (:data:`text3dsam_cli.io.formats.INPUT_FORMATS`: NIfTI, NRRD,
+    MetaImage, challenge ``.npz``, one DICOM file, whose series is read) or a DICOM series folder.
+    ``series_uid`` picks a series in a DICOM folder holding several (default: the one with the most files).
     """
     path = Path(path)
     if not path.exists():
         raise InputError("no such file or folder", path)
     if path.is_dir():
-        return _read_dicom_folder(path, series_uid)
+        return _read_folder(path, series_uid)
     try:
         size = path.stat().st_size
     except OSError as exc:
@@ -81,399 +49,17 @@ def read_volume(path: str | os.PathLike[str], series_uid: str | None = None) -> 
         raise InputError("empty file (0 bytes)", path)
     if not os.access(path, os.R_OK):
         raise InputError("file is not readable (permission denied)", path)
-    from text3dsam_cli.io.dicom import is_dicom_file, read_dicom  # dicom.py imports this module
-
-    fmt = image_format(path)
-    if fmt == "npz":
-        return read_challenge_npz(path)
-    if fmt in ("nifti", "nrrd", "metaimage"):
-        return _read_image_file(path, fmt)
-    if fmt == "dicom" or is_dicom_file(path):
-        return read_dicom(path, series_uid)
-    known = ", ".join(SUFFIX_FORMATS)
-    raise InputError(f"unsupported file type (expected one of {known}, a DICOM file or a DICOM folder)", path)
+    fmt = formats.detect_format(path)
+    if fmt is None:
+        raise InputError(f"unsupported file type (expected {formats.describe_inputs()})", path)
+    return fmt.read(path, series_uid)
 
 
-def _read_dicom_folder(folder: Path, series_uid: str | None) -> Volume:
-    from text3dsam_cli.io.dicom import folder_has_dicom_images, read_dicom
+def _read_folder(folder: Path, series_uid: str | None) -> Volume:
+    from text3dsam_cli.io.dicom import folder_has_dicom_images
 
+    readers = [f for f in formats.INPUT_FORMATS if f.reads_folders]
     if not folder_has_dicom_images(folder):
-        raise InputError("no images in this folder (a folder input must be a DICOM series folder)", folder)
-    return read_dicom(folder, series_uid)
-
-
-def _read_image_file(path: Path, fmt: str) -> Volume:
-    name = _FORMAT_NAMES[fmt]
-    if fmt == "nifti" and path.name.lower().endswith(".gz"):
-        volume = _read_float_nifti_gz_once(path)
-        if volume is not None:
-            return volume
-    if fmt == "nifti":
-        _check_nifti_header(path)
-        _check_nifti_complete(path)
-    elif fmt == "metaimage":
-        _check_metaimage_complete(path)
-    with _itk_readable_name(path, fmt) as itk_name:
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(itk_name)
-        try:
-            reader.ReadImageInformation()
-        except RuntimeError as exc:
-            if "Unable to determine ImageIO reader" in str(exc):
-                raise InputError(f"not a {name} image (SimpleITK does not recognise its content)",
-                                 path) from None
-            raise InputError(f"cannot read the {name} header ({first_error_line(exc)})", path) from None
-        check_layout(reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents(), path)
-        count = check_voxel_count(reader.GetSize(), path)
-        if fmt == "nrrd":
-            item = sitk.Image([1, 1], reader.GetPixelID()).GetSizeOfPixelComponent()
-            _check_nrrd_complete(path, count * item * reader.GetNumberOfComponents())
-        try:
-            image = reader.Execute()
-        except RuntimeError as exc:
-            raise InputError(f"cannot read the {name} image (truncated or corrupt: {first_error_line(exc)})",
-                             path) from None
-    if fmt == "nifti" and image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
-        _check_nifti_finite(path)
-    return volume_from_image(image, path, fmt, None, {})
-
-
-def _gzip_module() -> Any:
-    """The fastest available zlib-compatible module: ISA-L's (``isal``, optional) or Python's ``zlib``."""
-    try:
-        from isal import isal_zlib
-
-        return isal_zlib
-    except ImportError:
-        return zlib
-
-
-def _read_float_nifti_gz_once(path: Path) -> Volume | None:
-    """A float ``.nii.gz`` without intensity scaling, decompressed once; None when another path must read it.
-
-    ITK maps NaN to 0, so float NIfTI files used to be decompressed twice (by ITK, then by nibabel to look for
-    NaN). Here the file is decompressed once into the array (ISA-L when installed), its size is checked against
-    the header (truncation) and NaN/inf are looked for on that array; ITK reads only the header, for the
-    geometry in its own (LPS) terms. NIfTI stores voxels with x fastest, which is ITK's and numpy's (z, y, x)
-    C order, so the bytes are the array as ``sitk.GetArrayFromImage`` would give it.
-    """
-    import nibabel as nib
-
-    try:
-        proxy = nib.load(str(path)).dataobj
-        shape = tuple(int(v) for v in proxy.shape)
-        dtype = np.dtype(proxy.dtype)
-        offset = int(proxy.offset)
-        slope, inter = float(proxy.slope), float(proxy.inter)
-    except Exception:
-        return None
-    trivial_scaling = (np.isnan(slope) or slope in (0.0, 1.0)) and (np.isnan(inter) or inter == 0.0)
-    if dtype.kind != "f" or len(shape) != 3 or not trivial_scaling:
-        return None
-    with _itk_readable_name(path, "nifti") as itk_name:
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(itk_name)
-        try:
-            reader.ReadImageInformation()
-        except RuntimeError:
-            return None  # let the general path report it
-        if tuple(reader.GetSize()) != shape or reader.GetNumberOfComponents() != 1:
-            return None
-        spacing, origin, direction = reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection()
-    check_layout(3, shape, 1, path)
-    count = int(np.prod(shape, dtype=np.int64))
-    expected = offset + count * dtype.itemsize
-    buffer = bytearray(expected)
-    view = memoryview(buffer)
-    filled = 0
-    gz = _gzip_module()
-    try:
-        with open(path, "rb") as fp:
-            inflater = gz.decompressobj(31)
-            while filled < expected:
-                chunk = fp.read(1 << 22)
-                if not chunk:
-                    break
-                while chunk and filled < expected:
-                    out = inflater.decompress(chunk, expected - filled)
-                    view[filled : filled + len(out)] = out
-                    filled += len(out)
-                    chunk = inflater.unconsumed_tail
-                    if inflater.eof:  # a multi-member gzip file: start the next member
-                        chunk = inflater.unused_data + chunk
-                        inflater = gz.decompressobj(31)
-    except (OSError, zlib.error) as exc:
-        raise InputError(f"truncated or corrupt NIfTI file ({exc})", path) from None
-    except Exception as exc:  # isal's error type
-        raise InputError(f"truncated or corrupt NIfTI file ({exc})", path) from None
-    if filled < expected:
-        raise InputError(f"truncated NIfTI file ({filled} bytes of data after decompression, "
-                         f"its header needs {expected})", path)
-    array = np.frombuffer(buffer, dtype=dtype, count=count, offset=offset).reshape(shape[::-1])
-    if not array.dtype.isnative:
-        array = array.astype(array.dtype.newbyteorder("="))
-    check_finite(array, path, "the image")
-    return Volume(
-        array=array,
-        spacing=tuple(float(v) for v in spacing),  # type: ignore[arg-type]
-        origin=tuple(float(v) for v in origin),  # type: ignore[arg-type]
-        direction=tuple(float(v) for v in direction),
-        path=path,
-        source_format="nifti",
-        modality=None,
-        meta={},
-    )
-
-
-def _check_nifti_finite(path: Path) -> None:
-    """Refuse NaN/inf in a float NIfTI: ITK's reader silently turns NaN into 0, so look at the file itself."""
-    import nibabel as nib
-
-    try:
-        image = nib.load(str(path))
-        depth = image.shape[2]
-    except Exception:  # nibabel cannot parse it (SimpleITK could): nothing more to check
-        return
-    dataobj = image.dataobj
-    step = max(1, (1 << 22) // max(1, image.shape[0] * image.shape[1]))
-    for start in range(0, depth, step):
-        check_finite(np.asarray(dataobj[:, :, start:start + step]), path, "the image")
-
-
-_NIFTI_FAMILY = (".nii", ".nii.gz", ".hdr", ".hdr.gz", ".img", ".img.gz")
-
-
-@contextlib.contextmanager
-def _itk_readable_name(path: Path, fmt: str) -> Iterator[str]:
-    """A file name under which ITK reads exactly ``path``.
-
-    ITK's NIfTI reader (niftilib) looks files up by base name and prefers ``x.nii`` when asked for
-    ``x.nii.gz``; when such a sibling exists, the file is read through a symlink (or copy) in a private
-    temporary folder instead.
-    """
-    if not encodable(str(path)):  # ITK cannot take a name that is not valid UTF-8: read through a safe alias
-        with itk_path(path) as alias:
-            yield alias
-        return
-    if fmt != "nifti":
-        yield str(path)
-        return
-    lower = path.name.lower()
-    base = path.name[: -len(".nii.gz")] if lower.endswith(".nii.gz") else path.name[: -len(".nii")]
-    siblings = [path.with_name(base + ext) for ext in _NIFTI_FAMILY]
-    if not any(s.name != path.name and s.exists() for s in siblings):
-        yield str(path)
-        return
-    with tempfile.TemporaryDirectory(prefix="text3dsam-read-") as tmp:
-        alias = Path(tmp) / ("image.nii.gz" if lower.endswith(".gz") else "image.nii")
-        try:
-            os.symlink(path.resolve(), alias)
-        except OSError:
-            shutil.copyfile(path, alias)
-        yield str(alias)
-
-
-def check_layout(dimension: int, size: tuple[int, ...], components: int, path: Path) -> None:
-    """Refuse anything but a single-channel 3-D image with more than one slice."""
-    shown = "x".join(str(s) for s in size)
-    if components != 1:
-        raise InputError(f"has {components} values per voxel (colour or vector image, size {shown}); "
-                         "a single-channel 3-D volume is needed", path)
-    if dimension < 3:
-        raise InputError(f"is a {dimension}-D image (size {shown}); a 3-D volume is needed", path)
-    if dimension > 3:
-        raise InputError(f"is a {dimension}-D image (size {shown}); only 3-D volumes are supported "
-                         "(extract one 3-D volume first)", path)
-    if size[2] < 2:
-        raise InputError(f"has a single slice (size {shown}), i.e. it is a 2-D image; a 3-D volume is needed",
-                         path)
-
-
-def volume_from_image(image: sitk.Image, path: Path, source_format: str, modality: str | None,
-                      meta: dict[str, Any]) -> Volume:
-    """Wrap a SimpleITK image as a :class:`Volume` after the layout and finiteness checks."""
-    check_layout(image.GetDimension(), image.GetSize(), image.GetNumberOfComponentsPerPixel(), path)
-    if "complex" in image.GetPixelIDTypeAsString():
-        raise InputError("has complex-valued voxels; a real-valued volume is needed", path)
-    array = sitk.GetArrayFromImage(image)
-    check_finite(array, path, "the image")
-    return Volume(
-        array=array,
-        spacing=tuple(float(v) for v in image.GetSpacing()),  # type: ignore[arg-type]
-        origin=tuple(float(v) for v in image.GetOrigin()),  # type: ignore[arg-type]
-        direction=tuple(float(v) for v in image.GetDirection()),
-        path=path,
-        source_format=source_format,
-        modality=modality,
-        meta=meta,
-    )
-
-
-def first_error_line(exc: BaseException) -> str:
-    """The informative part of a (multi-line) SimpleITK/ITK exception message, on one line."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    if not lines:
-        return type(exc).__name__
-    index = max((i for i, ln in enumerate(lines) if "ERROR" in ln), default=len(lines) - 1)
-    text = lines[index].split("ERROR:", 1)[-1].strip()
-    text = re.sub(r"^\w+\(0x[0-9a-fA-F]+\):\s*", "", text)
-    if (text.endswith(":") or not text) and index + 1 < len(lines):
-        text = lines[-1]
-    text = re.sub(r"^\[\w+\]\s*(\w+:\s*)?", "", text)
-    return text.rstrip(":").strip() or type(exc).__name__
-
-
-# --- completeness checks (ITK silently zero-fills truncated NIfTI files) ------------------------------------
-
-
-def _nifti_expected_bytes(path: Path) -> int | None:
-    """Header offset plus data size that a NIfTI file must hold, from its header (None if unknown)."""
-    import nibabel as nib
-
-    try:
-        proxy = nib.load(str(path)).dataobj  # the loaded image's header copy has vox_offset reset to 0
-        shape = proxy.shape
-        itemsize = proxy.dtype.itemsize
-        offset = int(proxy.offset)
-    except Exception:  # nibabel refuses it: let SimpleITK report what is wrong
-        return None
-    return offset + int(np.prod(shape, dtype=np.int64)) * itemsize
-
-
-def _check_nifti_complete(path: Path) -> None:
-    expected = _nifti_expected_bytes(path)
-    if expected is None:
-        return
-    if not path.name.lower().endswith(".gz"):
-        if path.stat().st_size < expected:
-            raise InputError(f"truncated NIfTI file ({path.stat().st_size} bytes, its header needs {expected})",
-                             path)
-        return
-    with open(path, "rb") as fp:
-        fp.seek(-4, os.SEEK_END)
-        if int.from_bytes(fp.read(4), "little") == expected % (1 << 32):
-            return  # the gzip trailer records the expected size: complete
-    total = 0
-    try:
-        with gzip.open(path, "rb") as gz:
-            while chunk := gz.read(1 << 22):
-                total += len(chunk)
-    except (EOFError, OSError, zlib.error) as exc:
-        raise InputError(f"truncated or corrupt NIfTI file ({exc})", path) from None
-    if total < expected:
-        raise InputError(f"truncated NIfTI file ({total} bytes of data after decompression, "
-                         f"its header needs {expected})", path)
-
-
-def _nifti_raw_header(path: Path) -> tuple[list[int], list[float]] | None:
-    """``dim`` and ``pixdim`` exactly as stored (nibabel silently replaces zero pixdims by 1 on loading)."""
-    import struct
-
-    try:
-        opener = gzip.open if path.name.lower().endswith(".gz") else open
-        with opener(path, "rb") as fp:
-            raw = fp.read(540)
-    except (OSError, EOFError, zlib.error):
-        return None
-    for order in ("<", ">"):
-        if len(raw) >= 348 and struct.unpack(f"{order}i", raw[:4])[0] == 348:
-            return list(struct.unpack(f"{order}8h", raw[40:56])), list(struct.unpack(f"{order}8f", raw[76:108]))
-        if len(raw) >= 540 and struct.unpack(f"{order}i", raw[:4])[0] == 540:
-            return list(struct.unpack(f"{order}8q", raw[16:80])), list(struct.unpack(f"{order}8d", raw[104:168]))
-    return None
-
-
-def _check_nifti_header(path: Path) -> None:
-    """Refuse a NIfTI whose header gives a zero (or non-finite) voxel size: ITK would silently use 1 mm."""
-    header = _nifti_raw_header(path)
-    if header is None:
-        return  # not a header we understand: let SimpleITK report what is wrong
-    dim, pixdim = header
-    zooms = [float(v) for v in pixdim[1:1 + max(0, min(3, int(dim[0])))]]
-    if any(not np.isfinite(v) or v == 0 for v in zooms):
-        raise InputError(f"the header gives voxel spacing {zooms} (pixdim[1:4]); a zero or non-finite spacing "
-                         "cannot be used (ITK would silently assume 1 mm): fix the header", path)
-
-
-def _check_nrrd_complete(path: Path, needed: int) -> None:
-    """A raw NRRD must hold as many data bytes as its header declares (checked before allocating them)."""
-    fields: dict[str, str] = {}
-    try:
-        with open(path, "rb") as fp:
-            for _ in range(400):
-                line = fp.readline(1 << 16)
-                if not line or line in (b"\n", b"\r\n"):
-                    break
-                key, sep, value = line.decode("latin-1").partition(":")
-                if sep and not key.startswith("#"):
-                    fields[key.strip().lower()] = value.lstrip("=").strip()
-            header_end = fp.tell()
-    except OSError:
-        return
-    if fields.get("encoding", "").lower() != "raw":
-        return  # compressed: the voxel limit bounds what decompression can allocate
-    data_file = fields.get("data file") or fields.get("datafile")
-    if data_file is not None and " " in data_file:
-        return
-    _check_data_size(path, None if data_file is None else data_file, header_end, needed, "NRRD")
-
-
-_MET_SIZES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
-              "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4, "MET_DOUBLE": 8}
-
-
-def _check_metaimage_complete(path: Path) -> None:
-    """Check a MetaImage file holds as many data bytes as its header announces (ITK prints, not raises)."""
-    fields: dict[str, str] = {}
-    header_end = 0
-    try:
-        with open(path, "rb") as fp:
-            for _ in range(200):
-                line = fp.readline(4096)
-                if not line:
-                    break
-                key, sep, value = line.decode("latin-1").partition("=")
-                if not sep:
-                    return  # not a header we understand: let SimpleITK decide
-                fields[key.strip()] = value.strip()
-                if key.strip() == "ElementDataFile":
-                    header_end = fp.tell()
-                    break
-    except OSError:
-        return
-    data_file = fields.get("ElementDataFile")
-    if data_file is None:
-        return
-    try:
-        dims = [int(v) for v in fields.get("DimSize", "").split()]
-        channels = int(fields.get("ElementNumberOfChannels", "1"))
-    except ValueError:
-        return
-    item = _MET_SIZES.get(fields.get("ElementType", ""))
-    compressed = fields.get("CompressedData", "False").lower() == "true"
-    if not dims or item is None:
-        return
-    if compressed:
-        size_text = fields.get("CompressedDataSize")
-        if size_text is None or not size_text.isdigit():
-            return
-        needed = int(size_text)
-    else:
-        needed = int(np.prod(dims, dtype=np.int64)) * channels * item
-    _check_data_size(path, None if data_file == "LOCAL" else data_file, header_end, needed, "MetaImage")
-
-
-def _check_data_size(path: Path, data_file: str | None, header_end: int, needed: int, name: str) -> None:
-    """Refuse a header/data image whose data (after the header, or in ``data_file`` beside it) is shorter than
-    the ``needed`` bytes its header announces. File lists and patterns are not checked."""
-    if data_file is None:
-        where, available = path, path.stat().st_size - header_end
-    else:
-        if "%" in data_file or data_file.startswith("LIST"):
-            return
-        where = path.parent / data_file
-        if not where.is_file():
-            raise InputError(f"the {name} data file {data_file!r} is missing", path)
-        available = where.stat().st_size
-    if available < needed:
-        raise InputError(f"truncated {name} data ({available} bytes, the header needs {needed})", where)
+        names = " or ".join(f.noun for f in readers)
+        raise InputError(f"no images in this folder (a folder input must be a {names})", folder)
+    return readers[0].read(folder, series_uid)

@@ -12,13 +12,13 @@ from typing import Any
 import torch
 
 from text3dsam_cli.errors import CheckpointError
+from text3dsam_cli.io.atomic import write_json, write_text
 from text3dsam_cli.model.config import Text3DSAMConfig
 from text3dsam_cli.model.hub import ModelLocation, hub_cache_dir, hub_offline, resolve_model
 from text3dsam_cli.model.text3dsam import Text3DSAM
 from text3dsam_cli.model.text_encoder import KNOWN_HEADS, infer_text_config, text_config_from_hub
 from text3dsam_cli.model.tokenizer import WordPieceTokenizer
 
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json")
 
 
@@ -216,7 +216,7 @@ def save_model(model: Text3DSAM, folder: str | os.PathLike[str]) -> Path:
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600 files; models are meant to be shared
     os.replace(tmp, out / "model.safetensors")
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    write_json(out / "config.json", config)
     if model.tokenizer is not None:
         save_tokenizer(model.tokenizer, out)
     return out
@@ -230,7 +230,7 @@ def save_tokenizer(tokenizer: Any, folder: Path) -> None:
     tokenizer.save_pretrained(str(folder))  # another tokenizer object (e.g. transformers'): keep its files
     vocab = tokenizer.get_vocab()
     tokens = sorted(vocab, key=vocab.__getitem__)
-    (folder / "vocab.txt").write_text("".join(t + "\n" for t in tokens), encoding="utf-8")
+    write_text(folder / "vocab.txt", "".join(t + "\n" for t in tokens))
     special = {name: str(getattr(tokenizer, name)) for name in
                ("cls_token", "mask_token", "pad_token", "sep_token", "unk_token")}
-    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", encoding="utf-8")
+    write_json(folder / "special_tokens_map.json", special)

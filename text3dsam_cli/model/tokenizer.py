@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from text3dsam_cli.io.atomic import write_json, write_text
+
 SPECIAL_TOKENS = {"cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]", "unk_token": "[UNK]",
                   "mask_token": "[MASK]"}
 MAX_LENGTH = 512
@@ -159,8 +161,8 @@ class WordPieceTokenizer:
         out.mkdir(parents=True, exist_ok=True)
         vocab = self.get_vocab()
         tokens = sorted(vocab, key=vocab.__getitem__)
-        (out / "vocab.txt").write_text("".join(t + "\n" for t in tokens), encoding="utf-8")
+        write_text(out / "vocab.txt", "".join(t + "\n" for t in tokens))
         config = {"do_lower_case": self.lowercase, "model_max_length": self.model_max_length,
                   "tokenizer_class": "BertTokenizer", **SPECIAL_TOKENS}
-        (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        (out / "special_tokens_map.json").write_text(json.dumps(SPECIAL_TOKENS, indent=2) + "\n", encoding="utf-8")
+        write_json(out / "tokenizer_config.json", config)
+        write_json(out / "special_tokens_map.json", SPECIAL_TOKENS)

@@ -35,15 +35,18 @@ import torch
 import torch.nn.functional as F
 
 from text3dsam_cli.errors import InputError
+from text3dsam_cli.io import formats
 from text3dsam_cli.io.npz import npz_keys, read_npz_array, read_text_prompts
-from text3dsam_cli.io.readers import SUFFIX_FORMATS, read_volume
+from text3dsam_cli.io.readers import read_volume
 from text3dsam_cli.preprocess import DEFAULT_WINDOW
 from text3dsam_cli.prompts import is_label_map, parse_label_map, parse_phrasings, read_prompt_collection
 
 log = logging.getLogger(__name__)
 
 GT_SUFFIX = "_gt.npz"
-IMAGE_SUFFIXES = tuple(s for s, fmt in SUFFIX_FORMATS.items() if fmt not in ("npz", "dicom"))
+#: Endings of single-file images with geometry (nnU-Net images and labels), from the format registry.
+IMAGE_SUFFIXES = tuple(s for f in formats.INPUT_FORMATS if f.stores_geometry and not f.reads_folders
+                       for s in f.suffixes)
 
 
 @dataclass(frozen=True)

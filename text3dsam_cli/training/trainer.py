@@ -27,6 +27,7 @@ import torch
 from text3dsam_cli import __version__
 from text3dsam_cli.devices import autocast_dtype, resolve_device
 from text3dsam_cli.errors import OutputError, UsageError
+from text3dsam_cli.io.atomic import write_json
 from text3dsam_cli.model import Text3DSAM, Text3DSAMConfig
 from text3dsam_cli.orientation import model_table
 from text3dsam_cli.preprocess import DEFAULT_WINDOW
@@ -226,12 +227,6 @@ def save_final_model(model: Text3DSAM, output: str | os.PathLike[str]) -> Path:
     return out
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _architecture(config: Text3DSAMConfig) -> dict[str, Any]:
     data = config.to_dict()
     data["text_config"] = dict(config.text_config or {})
@@ -421,9 +416,9 @@ class Trainer:
         acc.save_state(str(tmp))
         acc.wait_for_everyone()
         if acc.is_main_process:
-            _write_json(tmp / STATE_FILE, {"step": step, "total_steps": self.total, "loss": loss,
+            write_json(tmp / STATE_FILE, {"step": step, "total_steps": self.total, "loss": loss,
                                            "samples_seen": step * self.args.batch_size * self.args.grad_accum
-                                           * self.world, "processes": self.world})
+                                           * self.world, "processes": self.world}, default=str)
             final = folder / f"step-{step}"
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
@@ -484,7 +479,7 @@ class Trainer:
                     "mixed_precision": str(acc.mixed_precision), "total_steps": self.total,
                     "samples": len(self.train_set), "cases": len(self.train_set.cases),
                     "architecture": _architecture(self.model.config), **self.run_info, "args": args.to_dict()}
-            _write_json(self.output / ARGS_FILE, info)
+            write_json(self.output / ARGS_FILE, info, default=str)
         log = _Log(self.output / LOG_FILE, start if checkpoint is not None else None, acc.is_main_process)
 
         model = self.model

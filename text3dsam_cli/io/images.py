@@ -1,0 +1,496 @@
+"""Single-file images (NIfTI, NRRD, MetaImage) through SimpleITK: reading with the checks ITK lacks, and
+writing with the written file verified before it gets its name.
+
+What the format registry (:mod:`text3dsam_cli.io.formats`) calls for its SimpleITK formats. Reading keeps the
+array exactly as ``sitk.GetArrayFromImage`` gives it ((z, y, x), native dtype) with the geometry in ITK's LPS
+terms; truncated files, zero spacings and NaN voxels (which ITK silently zero-fills, replaces by 1 mm or maps
+to 0) are refused with an :class:`InputError` naming the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import os
+import shutil
+import tempfile
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from text3dsam_cli.errors import InputError, OutputError
+from text3dsam_cli.io.atomic import atomic_path, disk_full, encodable
+from text3dsam_cli.io.itk import captured_stderr, check_layout, first_error_line, itk_path, volume_from_image
+from text3dsam_cli.io.limits import check_voxel_count
+from text3dsam_cli.io.npz import check_finite
+from text3dsam_cli.io.volume import Volume
+
+#: The refusal of a sheared direction matrix for NIfTI.
+SHEARED_NIFTI = ("the image's direction matrix is not orthogonal (sheared geometry), which NIfTI cannot store "
+                 "(it would be coerced to a rotation); write .nrrd or .mha (--format nrrd), which keep it exactly")
+
+
+def read_image_file(path: Path, fmt: str, name: str) -> Volume:
+    """A single-file image of format ``fmt`` ("nifti", "nrrd", "metaimage"; ``name`` for messages) through
+    SimpleITK, with the completeness checks ITK lacks."""
+    if fmt == "nifti" and path.name.lower().endswith(".gz"):
+        volume = _read_float_nifti_gz_once(path)
+        if volume is not None:
+            return volume
+    if fmt == "nifti":
+        _check_nifti_header(path)
+        _check_nifti_complete(path)
+    elif fmt == "metaimage":
+        _check_metaimage_complete(path)
+    with _itk_readable_name(path, fmt) as itk_name:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(itk_name)
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as exc:
+            if "Unable to determine ImageIO reader" in str(exc):
+                raise InputError(f"not a {name} image (SimpleITK does not recognise its content)",
+                                 path) from None
+            raise InputError(f"cannot read the {name} header ({first_error_line(exc)})", path) from None
+        check_layout(reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents(), path)
+        count = check_voxel_count(reader.GetSize(), path)
+        if fmt == "nrrd":
+            item = sitk.Image([1, 1], reader.GetPixelID()).GetSizeOfPixelComponent()
+            _check_nrrd_complete(path, count * item * reader.GetNumberOfComponents())
+        try:
+            image = reader.Execute()
+        except RuntimeError as exc:
+            raise InputError(f"cannot read the {name} image (truncated or corrupt: {first_error_line(exc)})",
+                             path) from None
+    if fmt == "nifti" and image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+        _check_nifti_finite(path)
+    return volume_from_image(image, path, fmt, None, {})
+
+
+def _gzip_module() -> Any:
+    """The fastest available zlib-compatible module: ISA-L's (``isal``, optional) or Python's ``zlib``."""
+    try:
+        from isal import isal_zlib
+
+        return isal_zlib
+    except ImportError:
+        return zlib
+
+
+def _read_float_nifti_gz_once(path: Path) -> Volume | None:
+    """A float ``.nii.gz`` without intensity scaling, decompressed once; None when another path must read it.
+
+    ITK maps NaN to 0, so float NIfTI files used to be decompressed twice (by ITK, then by nibabel to look for
+    NaN). Here the file is decompressed once into the array (ISA-L when installed), its size is checked against
+    the header (truncation) and NaN/inf are looked for on that array; ITK reads only the header, for the
+    geometry in its own (LPS) terms. NIfTI stores voxels with x fastest, which is ITK's and numpy's (z, y, x)
+    C order, so the bytes are the array as ``sitk.GetArrayFromImage`` would give it.
+    """
+    import nibabel as nib
+
+    try:
+        proxy = nib.load(str(path)).dataobj
+        shape = tuple(int(v) for v in proxy.shape)
+        dtype = np.dtype(proxy.dtype)
+        offset = int(proxy.offset)
+        slope, inter = float(proxy.slope), float(proxy.inter)
+    except Exception:
+        return None
+    trivial_scaling = (np.isnan(slope) or slope in (0.0, 1.0)) and (np.isnan(inter) or inter == 0.0)
+    if dtype.kind != "f" or len(shape) != 3 or not trivial_scaling:
+        return None
+    with _itk_readable_name(path, "nifti") as itk_name:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(itk_name)
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError:
+            return None  # let the general path report it
+        if tuple(reader.GetSize()) != shape or reader.GetNumberOfComponents() != 1:
+            return None
+        spacing, origin, direction = reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection()
+    check_layout(3, shape, 1, path)
+    count = int(np.prod(shape, dtype=np.int64))
+    expected = offset + count * dtype.itemsize
+    buffer = bytearray(expected)
+    view = memoryview(buffer)
+    filled = 0
+    gz = _gzip_module()
+    try:
+        with open(path, "rb") as fp:
+            inflater = gz.decompressobj(31)
+            while filled < expected:
+                chunk = fp.read(1 << 22)
+                if not chunk:
+                    break
+                while chunk and filled < expected:
+                    out = inflater.decompress(chunk, expected - filled)
+                    view[filled : filled + len(out)] = out
+                    filled += len(out)
+                    chunk = inflater.unconsumed_tail
+                    if inflater.eof:  # a multi-member gzip file: start the next member
+                        chunk = inflater.unused_data + chunk
+                        inflater = gz.decompressobj(31)
+    except (OSError, zlib.error) as exc:
+        raise InputError(f"truncated or corrupt NIfTI file ({exc})", path) from None
+    except Exception as exc:  # isal's error type
+        raise InputError(f"truncated or corrupt NIfTI file ({exc})", path) from None
+    if filled < expected:
+        raise InputError(f"truncated NIfTI file ({filled} bytes of data after decompression, "
+                         f"its header needs {expected})", path)
+    array = np.frombuffer(buffer, dtype=dtype, count=count, offset=offset).reshape(shape[::-1])
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    check_finite(array, path, "the image")
+    return Volume(
+        array=array,
+        spacing=tuple(float(v) for v in spacing),  # type: ignore[arg-type]
+        origin=tuple(float(v) for v in origin),  # type: ignore[arg-type]
+        direction=tuple(float(v) for v in direction),
+        path=path,
+        source_format="nifti",
+        modality=None,
+        meta={},
+    )
+
+
+def _check_nifti_finite(path: Path) -> None:
+    """Refuse NaN/inf in a float NIfTI: ITK's reader silently turns NaN into 0, so look at the file itself."""
+    import nibabel as nib
+
+    try:
+        image = nib.load(str(path))
+        depth = image.shape[2]
+    except Exception:  # nibabel cannot parse it (SimpleITK could): nothing more to check
+        return
+    dataobj = image.dataobj
+    step = max(1, (1 << 22) // max(1, image.shape[0] * image.shape[1]))
+    for start in range(0, depth, step):
+        check_finite(np.asarray(dataobj[:, :, start:start + step]), path, "the image")
+
+
+_NIFTI_FAMILY = (".nii", ".nii.gz", ".hdr", ".hdr.gz", ".img", ".img.gz")
+
+
+@contextlib.contextmanager
+def _itk_readable_name(path: Path, fmt: str) -> Iterator[str]:
+    """A file name under which ITK reads exactly ``path``.
+
+    ITK's NIfTI reader (niftilib) looks files up by base name and prefers ``x.nii`` when asked for
+    ``x.nii.gz``; when such a sibling exists, the file is read through a symlink (or copy) in a private
+    temporary folder instead.
+    """
+    if not encodable(str(path)):  # ITK cannot take a name that is not valid UTF-8: read through a safe alias
+        with itk_path(path) as alias:
+            yield alias
+        return
+    if fmt != "nifti":
+        yield str(path)
+        return
+    lower = path.name.lower()
+    base = path.name[: -len(".nii.gz")] if lower.endswith(".nii.gz") else path.name[: -len(".nii")]
+    siblings = [path.with_name(base + ext) for ext in _NIFTI_FAMILY]
+    if not any(s.name != path.name and s.exists() for s in siblings):
+        yield str(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="text3dsam-read-") as tmp:
+        alias = Path(tmp) / ("image.nii.gz" if lower.endswith(".gz") else "image.nii")
+        try:
+            os.symlink(path.resolve(), alias)
+        except OSError:
+            shutil.copyfile(path, alias)
+        yield str(alias)
+
+
+# --- completeness checks (ITK silently zero-fills truncated NIfTI files) ------------------------------------
+
+
+def _nifti_expected_bytes(path: Path) -> int | None:
+    """Header offset plus data size that a NIfTI file must hold, from its header (None if unknown)."""
+    import nibabel as nib
+
+    try:
+        proxy = nib.load(str(path)).dataobj  # the loaded image's header copy has vox_offset reset to 0
+        shape = proxy.shape
+        itemsize = proxy.dtype.itemsize
+        offset = int(proxy.offset)
+    except Exception:  # nibabel refuses it: let SimpleITK report what is wrong
+        return None
+    return offset + int(np.prod(shape, dtype=np.int64)) * itemsize
+
+
+def _check_nifti_complete(path: Path) -> None:
+    expected = _nifti_expected_bytes(path)
+    if expected is None:
+        return
+    if not path.name.lower().endswith(".gz"):
+        if path.stat().st_size < expected:
+            raise InputError(f"truncated NIfTI file ({path.stat().st_size} bytes, its header needs {expected})",
+                             path)
+        return
+    with open(path, "rb") as fp:
+        fp.seek(-4, os.SEEK_END)
+        if int.from_bytes(fp.read(4), "little") == expected % (1 << 32):
+            return  # the gzip trailer records the expected size: complete
+    total = 0
+    try:
+        with gzip.open(path, "rb") as gz:
+            while chunk := gz.read(1 << 22):
+                total += len(chunk)
+    except (EOFError, OSError, zlib.error) as exc:
+        raise InputError(f"truncated or corrupt NIfTI file ({exc})", path) from None
+    if total < expected:
+        raise InputError(f"truncated NIfTI file ({total} bytes of data after decompression, "
+                         f"its header needs {expected})", path)
+
+
+def _nifti_raw_header(path: Path) -> tuple[list[int], list[float]] | None:
+    """``dim`` and ``pixdim`` exactly as stored (nibabel silently replaces zero pixdims by 1 on loading)."""
+    import struct
+
+    try:
+        opener = gzip.open if path.name.lower().endswith(".gz") else open
+        with opener(path, "rb") as fp:
+            raw = fp.read(540)
+    except (OSError, EOFError, zlib.error):
+        return None
+    for order in ("<", ">"):
+        if len(raw) >= 348 and struct.unpack(f"{order}i", raw[:4])[0] == 348:
+            return list(struct.unpack(f"{order}8h", raw[40:56])), list(struct.unpack(f"{order}8f", raw[76:108]))
+        if len(raw) >= 540 and struct.unpack(f"{order}i", raw[:4])[0] == 540:
+            return list(struct.unpack(f"{order}8q", raw[16:80])), list(struct.unpack(f"{order}8d", raw[104:168]))
+    return None
+
+
+def _check_nifti_header(path: Path) -> None:
+    """Refuse a NIfTI whose header gives a zero (or non-finite) voxel size: ITK would silently use 1 mm."""
+    header = _nifti_raw_header(path)
+    if header is None:
+        return  # not a header we understand: let SimpleITK report what is wrong
+    dim, pixdim = header
+    zooms = [float(v) for v in pixdim[1:1 + max(0, min(3, int(dim[0])))]]
+    if any(not np.isfinite(v) or v == 0 for v in zooms):
+        raise InputError(f"the header gives voxel spacing {zooms} (pixdim[1:4]); a zero or non-finite spacing "
+                         "cannot be used (ITK would silently assume 1 mm): fix the header", path)
+
+
+def _check_nrrd_complete(path: Path, needed: int) -> None:
+    """A raw NRRD must hold as many data bytes as its header declares (checked before allocating them)."""
+    fields: dict[str, str] = {}
+    try:
+        with open(path, "rb") as fp:
+            for _ in range(400):
+                line = fp.readline(1 << 16)
+                if not line or line in (b"\n", b"\r\n"):
+                    break
+                key, sep, value = line.decode("latin-1").partition(":")
+                if sep and not key.startswith("#"):
+                    fields[key.strip().lower()] = value.lstrip("=").strip()
+            header_end = fp.tell()
+    except OSError:
+        return
+    if fields.get("encoding", "").lower() != "raw":
+        return  # compressed: the voxel limit bounds what decompression can allocate
+    data_file = fields.get("data file") or fields.get("datafile")
+    if data_file is not None and " " in data_file:
+        return
+    _check_data_size(path, None if data_file is None else data_file, header_end, needed, "NRRD")
+
+
+_MET_SIZES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
+              "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4, "MET_DOUBLE": 8}
+
+
+def _check_metaimage_complete(path: Path) -> None:
+    """Check a MetaImage file holds as many data bytes as its header announces (ITK prints, not raises)."""
+    fields: dict[str, str] = {}
+    header_end = 0
+    try:
+        with open(path, "rb") as fp:
+            for _ in range(200):
+                line = fp.readline(4096)
+                if not line:
+                    break
+                key, sep, value = line.decode("latin-1").partition("=")
+                if not sep:
+                    return  # not a header we understand: let SimpleITK decide
+                fields[key.strip()] = value.strip()
+                if key.strip() == "ElementDataFile":
+                    header_end = fp.tell()
+                    break
+    except OSError:
+        return
+    data_file = fields.get("ElementDataFile")
+    if data_file is None:
+        return
+    try:
+        dims = [int(v) for v in fields.get("DimSize", "").split()]
+        channels = int(fields.get("ElementNumberOfChannels", "1"))
+    except ValueError:
+        return
+    item = _MET_SIZES.get(fields.get("ElementType", ""))
+    compressed = fields.get("CompressedData", "False").lower() == "true"
+    if not dims or item is None:
+        return
+    if compressed:
+        size_text = fields.get("CompressedDataSize")
+        if size_text is None or not size_text.isdigit():
+            return
+        needed = int(size_text)
+    else:
+        needed = int(np.prod(dims, dtype=np.int64)) * channels * item
+    _check_data_size(path, None if data_file == "LOCAL" else data_file, header_end, needed, "MetaImage")
+
+
+def _check_data_size(path: Path, data_file: str | None, header_end: int, needed: int, name: str) -> None:
+    """Refuse a header/data image whose data (after the header, or in ``data_file`` beside it) is shorter than
+    the ``needed`` bytes its header announces. File lists and patterns are not checked."""
+    if data_file is None:
+        where, available = path, path.stat().st_size - header_end
+    else:
+        if "%" in data_file or data_file.startswith("LIST"):
+            return
+        where = path.parent / data_file
+        if not where.is_file():
+            raise InputError(f"the {name} data file {data_file!r} is missing", path)
+        available = where.stat().st_size
+    if available < needed:
+        raise InputError(f"truncated {name} data ({available} bytes, the header needs {needed})", where)
+
+
+# --- writing -----------------------------------------------------------------------------------------------
+
+
+def _sitk_array(array: np.ndarray, path: Path) -> np.ndarray:
+    """The array in a dtype SimpleITK can write (bool -> uint8, float16 -> float32)."""
+    if array.dtype == np.bool_:
+        return array.view(np.uint8)
+    if array.dtype == np.float16:
+        return array.astype(np.float32)
+    if array.dtype.kind not in "biuf":
+        raise OutputError(f"cannot write an array of dtype {array.dtype} as an image", path)
+    return array
+
+
+def volume_to_image(volume: Volume, path: Path | None = None) -> sitk.Image:
+    """A SimpleITK image of ``volume.array`` carrying exactly the volume's origin, spacing and direction."""
+    array = np.asarray(volume.array)
+    if array.ndim != 3:
+        raise OutputError(f"expected a 3-D (z, y, x) array, got shape {array.shape}", path)
+    image = sitk.GetImageFromArray(_sitk_array(array, path or Path("?")), isVector=False)
+    try:
+        image.SetSpacing([float(v) for v in volume.spacing])
+        image.SetOrigin([float(v) for v in volume.origin])
+        image.SetDirection([float(v) for v in volume.direction])
+    except RuntimeError as exc:
+        raise OutputError(f"invalid geometry for writing ({first_error_line(exc)})", path) from None
+    return image
+
+
+def is_orthogonal(direction: tuple[float, ...] | list[float], tol: float = 1e-4) -> bool:
+    """Whether a row-major 3x3 direction matrix is orthonormal (no shear), within ``tol``."""
+    matrix = np.asarray(direction, dtype=np.float64).reshape(3, 3)
+    return bool(np.allclose(matrix.T @ matrix, np.eye(3), atol=tol))
+
+
+def write_itk_image(volume: Volume, path: Path, compress: bool = True, keeps_shear: bool = True) -> Path:
+    """Write ``volume`` through SimpleITK (the writer picked by the name's ending), atomically.
+
+    ``keeps_shear`` False (NIfTI) refuses a sheared direction matrix. The written file is checked before it
+    gets its final name (ITK reports some write errors, e.g. a full disk, only on stderr).
+    """
+    if not keeps_shear and not is_orthogonal(volume.direction):
+        raise OutputError(SHEARED_NIFTI, path)
+    image = volume_to_image(volume, path)
+    data_bytes = image.GetNumberOfPixels() * image.GetSizeOfPixelComponent()
+    chatter: list[str] = []
+
+    def check(tmp: Path) -> str | None:
+        problem = verify_image_file(tmp, data_bytes)
+        if problem is None and any("ERROR" in text.upper() for text in chatter):
+            problem = "ITK reported a write error"
+        return problem
+
+    with atomic_path(path, verify=check) as tmp:
+        writer = sitk.ImageFileWriter()
+        writer.SetUseCompression(compress)
+        with itk_path(tmp) as itk_name, captured_stderr() as chatter:
+            writer.SetFileName(itk_name)
+            try:
+                writer.Execute(image)
+            except RuntimeError as exc:
+                reason = "no space left on device" if disk_full(path.parent) else first_error_line(exc)
+                raise OutputError(f"cannot write the image ({reason})", path) from None
+    return path
+
+
+def _gunzip_size(fp: Any) -> int:
+    """Decompressed size of a gzip stream (raises on a truncated or corrupt one: the CRC is checked)."""
+    total = 0
+    with gzip.GzipFile(fileobj=fp, mode="rb") as gz:
+        while chunk := gz.read(1 << 22):
+            total += len(chunk)
+    return total
+
+
+def _zlib_size(fp: Any) -> int:
+    """Decompressed size of a complete zlib stream (raises when it is truncated)."""
+    decomp = zlib.decompressobj()
+    total = 0
+    while chunk := fp.read(1 << 22):
+        total += len(decomp.decompress(chunk))
+        if decomp.eof:
+            break
+    total += len(decomp.flush())
+    if not decomp.eof:
+        raise EOFError("compressed data end early")
+    return total
+
+
+def _text_header(fp: Any, end_marker: bytes | None) -> tuple[dict[str, str], int]:
+    """``key: value`` / ``key = value`` lines up to a blank line (NRRD) or the ``ElementDataFile`` line (MHA)."""
+    fields: dict[str, str] = {}
+    for _ in range(400):
+        line = fp.readline(1 << 16)
+        if not line or line in (b"\n", b"\r\n"):
+            break
+        text = line.decode("latin-1").strip()
+        sep = "=" if "=" in text and (":" not in text or text.index("=") < text.index(":")) else ":"
+        key, _, value = text.partition(sep)
+        fields[key.strip().lower()] = value.strip().lstrip("=").strip()
+        if end_marker is not None and line.lstrip().lower().startswith(end_marker):
+            break
+    return fields, fp.tell()
+
+
+def verify_image_file(path: Path, data_bytes: int) -> str | None:
+    """None when ``path`` (a freshly written NIfTI/NRRD/MHA file) holds all ``data_bytes`` of voxel data, else
+    what is wrong. Compressed data is decompressed (checking its CRC) without keeping it in memory."""
+    name = path.name.lower()
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fp:
+            if name.endswith(".nii.gz"):
+                got = _gunzip_size(fp)
+                return None if got >= data_bytes + 348 else f"{got} bytes of NIfTI data, expected {data_bytes}"
+            if name.endswith(".nii"):
+                return None if size >= data_bytes + 348 else f"{size} bytes written, expected {data_bytes + 348}"
+            if name.endswith(".nrrd"):
+                fields, start = _text_header(fp, None)
+                encoding = fields.get("encoding", "raw")
+                if "data file" in fields or "datafile" in fields:
+                    return None
+                got = _gunzip_size(fp) if encoding in ("gzip", "gz") else size - start
+                return None if got >= data_bytes else f"{got} bytes of NRRD data, expected {data_bytes}"
+            if name.endswith(".mha"):
+                fields, start = _text_header(fp, b"elementdatafile")
+                compressed = fields.get("compresseddata", "false").lower() == "true"
+                got = _zlib_size(fp) if compressed else size - start
+                return None if got >= data_bytes else f"{got} bytes of MetaImage data, expected {data_bytes}"
+    except (OSError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        return f"the written file is truncated or corrupt ({exc})"
+    return None
