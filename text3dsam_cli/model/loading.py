@@ -1,4 +1,5 @@
-"""Checkpoint folder <-> model: config and text-config resolution, strict tensor check, tokenizer, saving."""
+"""Checkpoint folder -> model: config and text-config resolution, strict tensor check, tokenizer (saving is
+:mod:`text3dsam_cli.model.saving`)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from text3dsam_cli.model.text3dsam import Text3DSAM
 from text3dsam_cli.model.text_encoder import KNOWN_HEADS, infer_text_config, text_config_from_hub
 from text3dsam_cli.model.tokenizer import WordPieceTokenizer
 
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json")
 
 
@@ -199,38 +199,3 @@ def load_model(source: str | os.PathLike[str] | None = None, revision: str | Non
         model.tokenizer  # noqa: B018 - resolve the cache now, so a missing tokenizer fails at load time
     model.source = location.describe()
     return model.to(device).eval()
-
-
-def save_model(model: Text3DSAM, folder: str | os.PathLike[str]) -> Path:
-    """Write ``config.json`` (with ``text_config``), ``model.safetensors`` and tokenizer files into ``folder``."""
-    from safetensors.torch import save_file
-
-    out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
-    config = model.config.to_dict()
-    config["text_config"] = dict(model.config.text_config or {})
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    tmp = out / ".model.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600 files; models are meant to be shared
-    os.replace(tmp, out / "model.safetensors")
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    if model.tokenizer is not None:
-        save_tokenizer(model.tokenizer, out)
-    return out
-
-
-def save_tokenizer(tokenizer: Any, folder: Path) -> None:
-    """Tokenizer files: a plain ``vocab.txt`` (that the authors' ``BertTokenizer`` reads too) and its configs."""
-    if isinstance(tokenizer, WordPieceTokenizer):
-        tokenizer.save_pretrained(folder)
-        return
-    tokenizer.save_pretrained(str(folder))  # another tokenizer object (e.g. transformers'): keep its files
-    vocab = tokenizer.get_vocab()
-    tokens = sorted(vocab, key=vocab.__getitem__)
-    (folder / "vocab.txt").write_text("".join(t + "\n" for t in tokens), encoding="utf-8")
-    special = {name: str(getattr(tokenizer, name)) for name in
-               ("cls_token", "mask_token", "pad_token", "sep_token", "unk_token")}
-    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", encoding="utf-8")
