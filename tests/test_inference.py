@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 from conftest import CHALLENGE, REFERENCE
 
-from text3dsam_cli.inference import Segmenter, gaussian_weights, upsample_argmax, whole_volume_reference, window_starts
+from authors_pred import whole_volume_reference
+
+from text3dsam_cli.inference import Segmenter, gaussian_weights, upsample_argmax, window_starts
 from text3dsam_cli.io import read_challenge_npz
 from text3dsam_cli.prompts import prompts_for
 
