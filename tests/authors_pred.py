@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from text3dsam_cli.labels import label_dtype
 from text3dsam_cli.model import Text3DSAM
 
 
@@ -37,4 +38,4 @@ def whole_volume_reference(model: Text3DSAM, image: np.ndarray, prompts: Sequenc
     labels = torch.zeros_like(index)
     for i, value in enumerate(values):
         labels[index == i + 1] = value
-    return labels.numpy().astype(np.uint8 if max(values) <= 255 else np.uint16)
+    return labels.numpy().astype(label_dtype(values))

@@ -23,6 +23,7 @@ from text3dsam_cli.io.itk import captured_stderr, itk_path
 from text3dsam_cli.io.npz import write_challenge_npz
 from text3dsam_cli.io.readers import first_error_line, image_format
 from text3dsam_cli.io.volume import Volume
+from text3dsam_cli.labels import label_dtype
 
 #: File name endings ``write_volume`` accepts.
 OUTPUT_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".npz")
@@ -171,16 +172,6 @@ def verify_image_file(path: Path, data_bytes: int) -> str | None:
     except (OSError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
         return f"the written file is truncated or corrupt ({exc})"
     return None
-
-
-def label_dtype(labels: np.ndarray) -> np.dtype:
-    """Smallest unsigned dtype for a label map: uint8 up to 255, uint16 up to 65535, else uint32."""
-    top = int(labels.max()) if labels.size else 0
-    if top <= 255:
-        return np.dtype(np.uint8)
-    if top <= 65535:
-        return np.dtype(np.uint16)
-    return np.dtype(np.uint32)
 
 
 def write_label_map(labels: np.ndarray, like: Volume, path: str | os.PathLike[str]) -> Path:
