@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CHALLENGE, REFERENCE
-
 from authors_pred import whole_volume_reference
+from conftest import CHALLENGE, REFERENCE
 
 from text3dsam_cli.inference import Segmenter, gaussian_weights, upsample_argmax, window_starts
 from text3dsam_cli.io import read_challenge_npz

@@ -26,7 +26,6 @@ from torch import nn
 from text3dsam_cli.model.image_encoder import DecomposedConv3d
 from text3dsam_cli.model.interpolation import interpolation_matrix
 
-
 # Line sets read by the stride-4 decomposed convolution: branch c1 (kernel along D) reads every D at H, W
 # multiples of 4; c2 every H at D, W multiples of 4; c3 every W at D, H multiples of 4.
 LINE_AXES = (0, 1, 2)

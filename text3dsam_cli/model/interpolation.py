@@ -15,14 +15,18 @@ def source_index(in_size: int, out_size: int, device: torch.device | str | None 
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Along one axis: the lower and upper source index of each output index and the upper one's weight.
 
-    ATen's rule in float32: ``src = max(0, (dst + 0.5) * (in / out) - 0.5)``, ``i0 = floor(src)``,
-    ``i1 = min(i0 + 1, in - 1)``, weight of ``i1`` = ``src - i0`` (that of ``i0`` is one minus it).
+    ATen's rule: ``scale = float32(in / out)``, ``src = max(0, scale * (dst + 0.5) - 0.5)`` rounded once to
+    float32 (its CPU kernels are compiled with fused multiply-add, as are its CUDA kernels; computing in
+    float64 and rounding once gives the same number), ``i0 = floor(src)``, ``i1 = min(i0 + 1, in - 1)``,
+    weight of ``i1`` = ``src - i0`` (that of ``i0`` is one minus it). Computed on the CPU (float64 is not
+    available on every device), then moved to ``device``.
     """
-    scale = torch.tensor(float(in_size), dtype=torch.float32) / out_size  # float32, as ATen computes it
-    src = ((torch.arange(out_size, device=device, dtype=torch.float32) + 0.5) * scale.to(device) - 0.5).clamp_(min=0)
+    scale = (torch.tensor(float(in_size), dtype=torch.float32) / out_size).double()
+    src = ((torch.arange(out_size, dtype=torch.float64) + 0.5) * scale - 0.5).float().clamp_(min=0)
     i0 = src.floor().long().clamp_(max=in_size - 1)
     i1 = (i0 + 1).clamp_(max=in_size - 1)
-    return i0, i1, (src - i0).to(torch.float32)
+    weight = src - i0
+    return i0.to(device), i1.to(device), weight.to(device)
 
 
 def interpolation_matrix(in_size: int, out_size: int) -> torch.Tensor:
