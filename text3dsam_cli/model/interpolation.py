@@ -21,8 +21,9 @@ def source_index(in_size: int, out_size: int, device: torch.device | str | None 
     weight of ``i1`` = ``src - i0`` (that of ``i0`` is one minus it). Computed on the CPU (float64 is not
     available on every device), then moved to ``device``.
     """
-    scale = (torch.tensor(float(in_size), dtype=torch.float32) / out_size).double()
-    src = ((torch.arange(out_size, dtype=torch.float64) + 0.5) * scale - 0.5).float().clamp_(min=0)
+    # device="cpu" explicitly: models are built under ``torch.device("meta")`` (see interpolation_matrix)
+    scale = (torch.tensor(float(in_size), dtype=torch.float32, device="cpu") / out_size).double()
+    src = ((torch.arange(out_size, dtype=torch.float64, device="cpu") + 0.5) * scale - 0.5).float().clamp_(min=0)
     i0 = src.floor().long().clamp_(max=in_size - 1)
     i1 = (i0 + 1).clamp_(max=in_size - 1)
     weight = src - i0
