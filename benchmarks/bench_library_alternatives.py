@@ -48,6 +48,8 @@ def interleaved(functions: dict[str, callable], repeat: int) -> dict[str, float]
             t = time.perf_counter()
             function()
             times[name].append(time.perf_counter() - t)
+    for name, values in times.items():
+        print(f"    {name}: " + ", ".join(f"{v:.3f}" for v in values))
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -175,16 +177,24 @@ def bench_bn(model, repeat: int) -> None:
     ctx_a = model.encode_image(image)
     ctx_b = fused.encode_image(image)
 
-    def run(m, ctx):
+    def encode(m):
         def go():
             with torch.inference_mode():
                 m.image_encoder(image)
+        return go
+
+    def decode(m, ctx):
+        def go():
+            with torch.inference_mode():
                 m.decode(ctx, text)
         return go
 
-    times = interleaved({"ours (fold every forward)": run(model, ctx_a),
-                         "fuse_conv_bn_eval once": run(fused, ctx_b)}, repeat)
-    report(f"bn: image encoder + decode of {len(PROMPTS)} prompts", times, "ours (fold every forward)")
+    times = interleaved({"ours (fold every forward)": encode(model), "fuse_conv_bn_eval once": encode(fused)},
+                        repeat * 3)
+    report("bn: image encoder (small model, 64x128x128)", times, "ours (fold every forward)")
+    times = interleaved({"ours (fold every forward)": decode(model, ctx_a),
+                         "fuse_conv_bn_eval once": decode(fused, ctx_b)}, repeat * 3)
+    report(f"bn: decode of {len(PROMPTS)} prompts (2 refinement passes)", times, "ours (fold every forward)")
 
 
 def bench_check(checkpoint: Path, repeat: int) -> None:
