@@ -86,7 +86,7 @@ def check_state_dict(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor]
     """Refuse missing, unexpected or mis-shaped tensors, naming the first few of each.
 
     :func:`load_model` lets ``load_state_dict(strict=True)`` do the check and calls this only to word its
-    refusal (measured: checking first cost a fifth of loading a skeleton; see ``docs/dependencies.md``).
+    refusal (checking first cost 1-17 ms per load, measured; see ``docs/dependencies.md``).
     """
     expected = model.state_dict()
     missing = [k for k in expected if k not in tensors]
