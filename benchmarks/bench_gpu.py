@@ -37,23 +37,25 @@ def parity(checkpoint: Path) -> list[tuple[str, ...]]:
     from text3dsam_cli.io import read_challenge_npz
     from text3dsam_cli.model import load_model
     from text3dsam_cli.pipeline import prepare_scan, prompts_for
+    from text3dsam_cli.prompts import prompts_to_segment
 
     model = load_model(checkpoint)
     rows = []
     for case in CASES:
         volume = read_challenge_npz(CHALLENGE / f"{case}.npz")
         prompts, values, instance = prompts_for(volume, [])
+        prompts, values = prompts_to_segment(prompts, values, instance)
         scan = prepare_scan(volume)
-        cpu = Segmenter(model, device="cpu").segment(scan.image, prompts, values, instance=instance).labels
+        cpu = Segmenter(model, device="cpu").segment(scan.image, prompts, values).labels
         labels, times = {}, {}
         for precision in ("fp32", "bf16"):
             segmenter = Segmenter(model, device="cuda", precision=precision)
-            segmenter.segment(scan.image, prompts, values, instance=instance)  # warm-up (kernels, prompts)
+            segmenter.segment(scan.image, prompts, values)  # warm-up (kernels, prompts)
             best = None
             for _ in range(3):
                 torch.cuda.synchronize()
                 t = time.perf_counter()
-                result = segmenter.segment(scan.image, prompts, values, instance=instance)
+                result = segmenter.segment(scan.image, prompts, values)
                 torch.cuda.synchronize()
                 total = time.perf_counter() - t
                 if best is None or total < best[0]:

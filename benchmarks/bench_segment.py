@@ -40,6 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 CHALLENGE = SHARED / "data" / "challenge"
+sys.path.insert(0, str(ROOT / "tests"))  # authors_pred.py: the authors' procedure, shared with the parity tests
 
 
 def build_checkpoint(out: Path, variant: str = "full") -> Path:
@@ -60,8 +61,9 @@ def peak_rss_mb() -> float:
 def worker(kind: str, checkpoint: str, case: str, repeat: int, out: str) -> None:
     """Run one procedure `repeat` times; write timings, peak RSS and the label map."""
     import numpy as np
+    from authors_pred import whole_volume_reference
 
-    from text3dsam_cli.inference import Segmenter, whole_volume_reference
+    from text3dsam_cli.inference import Segmenter
     from text3dsam_cli.io import read_challenge_npz
     from text3dsam_cli.model import load_model
     from text3dsam_cli.prompts import prompts_for
@@ -127,8 +129,8 @@ def authors_process(checkpoint: str, case: str, out: str, threads: int) -> None:
 
     torch.set_num_threads(threads)
     import numpy as np
+    from authors_pred import whole_volume_reference
 
-    from text3dsam_cli.inference import whole_volume_reference
     from text3dsam_cli.io import read_challenge_npz
     from text3dsam_cli.model import load_model
     from text3dsam_cli.pipeline import prompts_for

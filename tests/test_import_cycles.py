@@ -19,11 +19,8 @@ import text3dsam_cli
 PACKAGE = "text3dsam_cli"
 ROOT = Path(text3dsam_cli.__file__).parent
 
-#: Cycles being removed on other branches, as sorted module pairs, each with the branch that removes it.
-KNOWN_CYCLES: dict[tuple[str, str], str] = {
-    # removed by issue-10b
-    ("text3dsam_cli.model.loading", "text3dsam_cli.model.text3dsam"): "issue-10b",
-}
+#: Cycles being removed on other branches, as sorted module pairs, each with the branch that removes it (none).
+KNOWN_CYCLES: dict[tuple[str, str], str] = {}
 
 
 def _modules() -> dict[str, Path]:

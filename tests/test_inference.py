@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from authors_pred import whole_volume_reference
 from conftest import CHALLENGE, REFERENCE
 
-from text3dsam_cli.inference import Segmenter, gaussian_weights, upsample_argmax, whole_volume_reference, window_starts
+from text3dsam_cli.inference import Segmenter, gaussian_weights, upsample_argmax, window_starts
 from text3dsam_cli.io import read_challenge_npz
-from text3dsam_cli.prompts import prompts_for
+from text3dsam_cli.prompts import prompts_for, prompts_to_segment
 
 
 def _reference_argmax(logits: torch.Tensor, shape, values):
@@ -91,8 +92,8 @@ def test_segmenter_matches_authors_procedure_on_real_case(small_model):
 def test_label_maps_equal_authors_pred_segs(full_model, case):
     """pred.py parity with the full test checkpoint (>= 99.9 % of voxels; ties within float error may flip)."""
     volume, prompts, values, instance = _case(case)
-    result = Segmenter(full_model, device="cpu").segment(volume.array.astype(np.float32), prompts, values,
-                                                          instance=instance)
+    prompts, values = prompts_to_segment(prompts, values, instance)
+    result = Segmenter(full_model, device="cpu").segment(volume.array.astype(np.float32), prompts, values)
     expected = np.load(REFERENCE / "pred_segs" / f"{case}.npz")["segs"]
     agreement = (result.labels == expected).mean()
     assert agreement >= 0.999, f"{case}: {agreement:.6f}"
@@ -101,8 +102,8 @@ def test_label_maps_equal_authors_pred_segs(full_model, case):
 def test_instance_case_uses_first_prompt_binary(small_model):
     volume, prompts, values, instance = _case("Microscopy_SELMA3D_patchvolume_nuclei_004_crop")
     assert instance
-    result = Segmenter(small_model, device="cpu").segment(volume.array.astype(np.float32), prompts, values,
-                                                          instance=True)
+    prompts, values = prompts_to_segment(prompts, values, instance)
+    result = Segmenter(small_model, device="cpu").segment(volume.array.astype(np.float32), prompts, values)
     assert result.label_values == [1] and set(np.unique(result.labels)) <= {0, 1}
 
 

@@ -127,3 +127,26 @@ def test_shape_checks_and_identity() -> None:
         change.apply(np.zeros((4, 3, 2)))
     with pytest.raises(ValueError):
         change.undo(np.zeros((2, 3, 4)))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_grid_reorientation_equals_nearest_resampling(seed: int) -> None:
+    """eval's alignment rule: the permutation/flip onto another storage of the same voxels is exactly what
+    SimpleITK's nearest-neighbour resampling onto that grid gives; any other grid gets None."""
+    from text3dsam_cli.orientation import grid_reorientation
+
+    rng = np.random.default_rng(seed)
+    direction = np.eye(3)[:, [2, 0, 1]] * [1, -1, 1] if seed else np.eye(3)
+    volume = Volume(rng.integers(0, 1000, (3, 4, 5)).astype(np.int32), spacing=(0.7, 1.1, 2.5),
+                    origin=tuple(rng.uniform(-100, 100, 3)), direction=tuple(direction.ravel()))
+    for target in ALL_CODES:
+        moved, _ = reorient(volume, target)
+        change = grid_reorientation(volume, moved)
+        assert change is not None and change.output_shape == moved.shape
+        ours = change.apply(volume.array)
+        resampled = sitk.GetArrayFromImage(sitk.Resample(volume_to_image(volume), volume_to_image(moved),
+                                                         sitk.Transform(), sitk.sitkNearestNeighbor, 0))
+        assert np.array_equal(ours, moved.array) and np.array_equal(ours, resampled), target
+    shifted = Volume(volume.array, volume.spacing, tuple(np.add(volume.origin, (0.3, 0, 0))), volume.direction)
+    finer = Volume(volume.array, (0.35, 1.1, 2.5), volume.origin, volume.direction)
+    assert grid_reorientation(volume, shifted) is None and grid_reorientation(volume, finer) is None

@@ -46,6 +46,7 @@ from text3dsam_cli.io.npz import npz_keys, read_npz_array, read_text_prompts
 from text3dsam_cli.io.readers import read_volume
 from text3dsam_cli.io.volume import Volume
 from text3dsam_cli.metrics import instance_f1_dsc_tp, nan_mean, semantic_case_metrics
+from text3dsam_cli.orientation import grid_reorientation, index_to_physical
 from text3dsam_cli.prompts import parse_label_map, read_labels_json
 
 __all__ = [
@@ -151,17 +152,11 @@ def _read_label_image(path: Path) -> Volume:
     return volume
 
 
-def _index_to_physical(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
-    """The (x, y, z) index -> physical matrix and the origin of a volume."""
-    direction = np.asarray(volume.direction, dtype=np.float64).reshape(3, 3)
-    return direction @ np.diag(np.asarray(volume.spacing, dtype=np.float64)), np.asarray(volume.origin, float)
-
-
 def _same_grid(a: Volume, b: Volume) -> bool:
     if a.shape != b.shape:
         return False
-    ma, oa = _index_to_physical(a)
-    mb, ob = _index_to_physical(b)
+    ma, oa = index_to_physical(a)
+    mb, ob = index_to_physical(b)
     scale = max(1e-6, float(np.max(np.abs(a.spacing))))
     return bool(np.allclose(ma, mb, atol=1e-4 * scale) and np.allclose(oa, ob, atol=1e-3 * scale))
 
@@ -170,33 +165,14 @@ def align_to_reference(pred: Volume, gt: Volume, path: Path) -> np.ndarray:
     """The prediction's labels on the ground truth's voxel grid.
 
     Identical grids: the array as it is. The same voxels stored in another axis order or direction (e.g. a
-    flipped NIfTI): reoriented exactly (nearest neighbour at coinciding voxel centres). Anything else (other
-    spacing, shifted origin, rotation): ``InputError`` instead of scoring misaligned arrays.
+    flipped NIfTI): permuted/flipped exactly (:func:`text3dsam_cli.orientation.grid_reorientation`). Anything
+    else (other spacing, shifted origin, rotation): ``InputError`` instead of scoring misaligned arrays.
     """
     if _same_grid(pred, gt):
         return np.asarray(pred.array)
-    mp, op = _index_to_physical(pred)
-    mg, og = _index_to_physical(gt)
-    to_gt = np.linalg.solve(mg, np.column_stack([mp, op - og]))  # pred index -> gt continuous index
-    linear, offset = to_gt[:, :3], to_gt[:, 3]
-    size_p = np.array(pred.shape[::-1])
-    size_g = np.array(gt.shape[::-1])
-    unit = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)])
-    corners = unit * (size_p - 1)
-    mapped = corners @ linear.T + offset
-    signed_permutation = np.allclose(np.abs(linear).sum(axis=0), 1, atol=1e-3) and np.allclose(
-        np.abs(np.round(linear)), np.abs(linear), atol=1e-3)
-    if signed_permutation and np.allclose(mapped, np.round(mapped), atol=1e-2):
-        mapped = np.round(mapped)
-        target = {tuple(c) for c in (unit * (size_g - 1)).tolist()}
-        if {tuple(c) for c in mapped.tolist()} == target:
-            import SimpleITK as sitk
-
-            from text3dsam_cli.io.writers import volume_to_image
-
-            moved = sitk.Resample(volume_to_image(pred, path), volume_to_image(gt.with_array(
-                np.zeros(gt.shape, dtype=np.uint8)), path), sitk.Transform(), sitk.sitkNearestNeighbor, 0)
-            return sitk.GetArrayFromImage(moved)
+    change = grid_reorientation(pred, gt)
+    if change is not None:
+        return np.ascontiguousarray(change.apply(np.asarray(pred.array)))
     raise InputError("the prediction's voxel grid differs from the ground truth's (shape "
                      f"{pred.shape} vs {gt.shape}, spacing {_fmt(pred.spacing)} vs {_fmt(gt.spacing)}, origin "
                      f"{_fmt(pred.origin)} vs {_fmt(gt.origin)}); resample it onto the ground truth's grid first "

@@ -27,8 +27,10 @@ import torch.nn.functional as F
 from text3dsam_cli.devices import autocast_dtype, resolve_device, strict_float32
 from text3dsam_cli.embedding_store import EmbeddingStore
 from text3dsam_cli.errors import UsageError
+from text3dsam_cli.labels import label_dtype
 from text3dsam_cli.model import Text3DSAM
 from text3dsam_cli.model.decoder import ImageContext
+from text3dsam_cli.model.interpolation import source_index as _source_index  # the one interpolation rule
 
 log = logging.getLogger(__name__)
 
@@ -66,16 +68,6 @@ class EncodedImage:
     seconds: float = 0.0
     logits: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     used: bool = False
-
-
-def _source_index(in_size: int, out_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor,
-                                                                               torch.Tensor]:
-    """Linear-interpolation indices and weights of PyTorch's ``align_corners=False`` rule along one axis."""
-    scale = torch.tensor(float(in_size), dtype=torch.float32) / out_size  # float32, as ATen computes it
-    src = ((torch.arange(out_size, device=device, dtype=torch.float32) + 0.5) * scale.to(device) - 0.5).clamp_(min=0)
-    i0 = src.floor().long().clamp_(max=in_size - 1)
-    i1 = (i0 + 1).clamp_(max=in_size - 1)
-    return i0, i1, (src - i0).to(torch.float32)
 
 
 #: Work per voxel and live prompt of the cell path relative to the dense path's per voxel and prompt, and the
@@ -200,7 +192,7 @@ def upsample_argmax(logits: torch.Tensor, out_shape: Sequence[int], label_values
     k, d, h, w = logits.shape
     out = [int(s) for s in out_shape]
     device = logits.device
-    dtype = np.uint8 if max(label_values, default=0) <= 255 else np.uint16
+    dtype = label_dtype(label_values)
     lut = np.asarray([0, *label_values], dtype=dtype)
     live, lo = live_prompts(logits)
     count = live.sum(0)
@@ -342,7 +334,7 @@ def upsample_argmax_dense(logits: torch.Tensor, out_shape: Sequence[int], label_
     i0, i1, wz = _source_index(d, out_d, device)
     logits = logits.float()
     z_index = list(zip(i0.tolist(), i1.tolist()))
-    dtype = np.uint8 if max(label_values, default=0) <= 255 else np.uint16
+    dtype = label_dtype(label_values)
     labels = np.zeros((out_d, out_h, out_w), dtype=dtype)
     probs = np.zeros((k, out_d, out_h, out_w), dtype=np.float16) if keep_probabilities else None
     lut = torch.tensor([0, *label_values], dtype=torch.int64, device=device)
@@ -579,7 +571,7 @@ class Segmenter:
         return self._encode(image, spacing, keep=True)
 
     def segment_encoded(self, encoded: EncodedImage, prompts: Sequence[str],
-                        label_values: Sequence[int] | None = None, instance: bool = False,
+                        label_values: Sequence[int] | None = None,
                         keep_probabilities: bool = False) -> SegmentationResult:
         """Decode an encoded image with ``prompts`` into a label map of the image's shape (values 1..K unless
         given). Each prompt's low-resolution logits are kept on ``encoded``, so a prompt seen before costs
@@ -587,8 +579,6 @@ class Segmenter:
         prompts, values = self._check_prompts(prompts, label_values)
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        if instance:
-            prompts, values = prompts[:1], [1]
         todo = [p for p in dict.fromkeys(prompts) if p not in encoded.logits]
         text = self.embed_prompts(todo) if todo else None
         timings["text"] = time.perf_counter() - t0
@@ -613,7 +603,7 @@ class Segmenter:
         return SegmentationResult(labels, values, prompts, probs, encoded.mode, encoded.device, timings)
 
     def segment(self, image: np.ndarray, prompts: Sequence[str], label_values: Sequence[int] | None = None,
-                spacing: Sequence[float] | None = None, instance: bool = False,
+                spacing: Sequence[float] | None = None,
                 keep_probabilities: bool = False) -> SegmentationResult:
         """Segment a (z, y, x) image already normalised to 0..255; label values default to 1..K.
 
@@ -622,15 +612,15 @@ class Segmenter:
         """
         prompts, values = self._check_prompts(prompts, label_values)
         try:
-            return self._segment(image, prompts, values, spacing, instance, keep_probabilities)
+            return self._segment(image, prompts, values, spacing, keep_probabilities)
         except torch.cuda.OutOfMemoryError:
             if self.device.type != "cuda":
                 raise
             log.warning("CUDA out of memory; retrying this image on the CPU (the next image goes to the GPU)")
-            return self._segment_on_cpu(image, list(prompts), values, spacing, instance, keep_probabilities)
+            return self._segment_on_cpu(image, list(prompts), values, spacing, keep_probabilities)
 
     def _segment_on_cpu(self, image: np.ndarray, prompts: list[str], values: list[int],
-                        spacing: Sequence[float] | None, instance: bool,
+                        spacing: Sequence[float] | None,
                         keep_probabilities: bool) -> SegmentationResult:
         """One image on the CPU in float32, then the model goes back to the GPU for the next image."""
         gpu, amp, batch = self.device, self.amp_dtype, self.prompt_batch_size
@@ -639,7 +629,7 @@ class Segmenter:
         self.model = self.model.to(self.device)
         self._prompt_cache.clear()
         try:
-            return self._segment(image, prompts, values, spacing, instance, keep_probabilities)
+            return self._segment(image, prompts, values, spacing, keep_probabilities)
         finally:
             self._prompt_cache.clear()
             self.device, self.amp_dtype, self.prompt_batch_size = gpu, amp, batch
@@ -657,10 +647,8 @@ class Segmenter:
         return list(prompts), values
 
     def _segment(self, image: np.ndarray, prompts: list[str], values: list[int],
-                 spacing: Sequence[float] | None, instance: bool, keep_probabilities: bool) -> SegmentationResult:
+                 spacing: Sequence[float] | None, keep_probabilities: bool) -> SegmentationResult:
         t0 = time.perf_counter()
-        if instance:
-            prompts, values = prompts[:1], [1]
         self.embed_prompts(prompts)  # the text encoder first, so "encode" below is the image encoder's time
         t_text = time.perf_counter() - t0
         encoded = self._encode(image, spacing, keep=False)
@@ -673,31 +661,3 @@ class Segmenter:
                           "model": encode + decode, "upsample": result.timings["upsample"],
                           "total": time.perf_counter() - t0}
         return result
-
-
-def whole_volume_reference(model: Text3DSAM, image: np.ndarray, prompts: Sequence[str],
-                           label_values: Sequence[int] | None = None) -> np.ndarray:
-    """The authors' ``pred.py`` procedure, step for step, driven through our model (for tests/benchmarks).
-
-    Re-encodes the image for every prompt, pads every prompt to 512 tokens, upsamples every prompt's logits
-    to full resolution and keeps them all before the argmax: slow and memory-hungry on purpose.
-    """
-    values = list(label_values) if label_values is not None else list(range(1, len(prompts) + 1))
-    x = F.interpolate(torch.as_tensor(image, dtype=torch.float32)[None, None],
-                      size=tuple(model.config.image_size), mode="trilinear")
-    probs = []
-    with torch.no_grad():
-        for prompt in prompts:
-            tokens = model.tokenizer(prompt, padding="max_length", truncation=True, max_length=512,
-                                     return_tensors="pt")
-            logits = model.generate(x, tokens["input_ids"], tokens["attention_mask"])
-            logits = F.interpolate(logits, size=tuple(image.shape), mode="trilinear")
-            probs.append(torch.sigmoid(logits)[0, 0])
-        stacked = torch.stack(probs)
-        background = (1.0 - stacked.max(0).values).clamp(0, 1)
-        index = torch.argmax(torch.cat([background[None], stacked]), dim=0)
-    labels = torch.zeros_like(index)
-    for i, value in enumerate(values):
-        labels[index == i + 1] = value
-    return labels.numpy().astype(np.uint8 if max(values) <= 255 else np.uint16)
-

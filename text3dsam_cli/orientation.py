@@ -205,3 +205,36 @@ def reorient(volume: Volume, target: str) -> tuple[Volume, Reorientation]:
     """``volume`` permuted/flipped to ``target`` (a view, same physical voxels) and the map to undo it."""
     change = reorientation(volume.direction, volume.shape, target)
     return change.volume(volume), change
+
+
+def index_to_physical(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
+    """The (x, y, z) index -> physical (LPS mm) matrix of a volume, and its origin."""
+    direction = np.asarray(volume.direction, dtype=np.float64).reshape(3, 3)
+    return direction @ np.diag(np.asarray(volume.spacing, dtype=np.float64)), np.asarray(volume.origin, float)
+
+
+def grid_reorientation(source: Volume, target: Volume) -> Reorientation | None:
+    """The permutation/flip that puts ``source``'s voxels onto ``target``'s grid, when both grids hold the same
+    voxel centres (same spacing and extent, axes stored in another order or direction); None otherwise
+    (other spacing, shifted origin, rotation)."""
+    ms, os_ = index_to_physical(source)
+    mt, ot = index_to_physical(target)
+    to_target = np.linalg.solve(mt, np.column_stack([ms, os_ - ot]))  # source index -> target continuous index
+    linear, offset = to_target[:, :3], to_target[:, 3]
+    size_s = np.array(source.shape[::-1])
+    size_t = np.array(target.shape[::-1])
+    unit = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)])
+    mapped = (unit * (size_s - 1)) @ linear.T + offset
+    signed_permutation = np.allclose(np.abs(linear).sum(axis=0), 1, atol=1e-3) and np.allclose(
+        np.abs(np.round(linear)), np.abs(linear), atol=1e-3)
+    if not (signed_permutation and np.allclose(mapped, np.round(mapped), atol=1e-2)):
+        return None
+    if {tuple(c) for c in np.round(mapped).tolist()} != {tuple(c) for c in (unit * (size_t - 1)).tolist()}:
+        return None
+    # Target index axis k is source index axis j, running backwards when the entry is negative.
+    rounded = np.round(linear).astype(int)
+    axes = tuple(int(np.flatnonzero(rounded[k])[0]) for k in range(3))
+    flips = tuple(bool(rounded[k, axes[k]] < 0) for k in range(3))
+    return Reorientation(closest_code(source.direction), closest_code(target.direction), axes,  # type: ignore[arg-type]
+                         flips, tuple(int(s) for s in source.shape))  # type: ignore[arg-type]
+

@@ -51,7 +51,7 @@ from text3dsam_cli.preprocess import (
     parse_window,
     resolve_modality,
 )
-from text3dsam_cli.prompts import check_known_prompts, match_prompt, parse_label_map, prompts_for
+from text3dsam_cli.prompts import check_known_prompts, match_prompt, parse_label_map, prompts_for, prompts_to_segment
 from text3dsam_cli.quality import assess_labels
 
 log = logging.getLogger(__name__)
@@ -209,7 +209,7 @@ def _stored_label_values(path: Path) -> list[int] | None:
         label_map = parse_label_map(stored, path, "text_prompts: ")
     except Text3DSAMError:
         return None
-    return [1] if label_map.instance else list(label_map.values)
+    return prompts_to_segment(label_map.prompts, label_map.values, bool(label_map.instance))[1]
 
 
 def label_counts(labels: np.ndarray, values: Sequence[int]) -> dict[int, int]:
@@ -474,7 +474,8 @@ class SegmentRun:
         scan = prepare_scan(volume, self.options.modality, self.options.window, self.orientation,
                             self.orientation_table, in_place=not o.preview)
         t_pre = time.perf_counter() - t0
-        result = self.segmenter.segment(scan.image, prompts, values, spacing=scan.spacing, instance=instance,
+        prompts, values = prompts_to_segment(prompts, values, instance)
+        result = self.segmenter.segment(scan.image, prompts, values, spacing=scan.spacing,
                                         keep_probabilities=self.options.probabilities)
         scan.image = np.empty(0, dtype=np.float32)  # free the model input before writing
         if not o.preview:  # nothing after this reads the input's voxels: keep its geometry, free its array

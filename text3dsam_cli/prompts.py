@@ -207,6 +207,16 @@ def prompts_for(volume: Volume, prompts: Sequence[str],
     return label_map.prompts, list(label_map.values), bool(label_map.instance)
 
 
+def prompts_to_segment(prompts: Sequence[str], values: Sequence[int],
+                       instance: bool) -> tuple[list[str], list[int]]:
+    """The prompts and label values that are segmented: all of them, except in a challenge instance case
+    (``instance_label`` 1), which segments its first prompt alone as label 1 (instances are then told apart
+    by connected components)."""
+    if instance:
+        return list(prompts[:1]), [1]
+    return list(prompts), list(values)
+
+
 def read_prompt_collection(path: str | Path) -> dict[str, Any]:
     """``train --prompts``: one label map, or label maps keyed by dataset name (the challenge's
     ``CVPR25_TextSegFMData_with_class.json``). Every label map in it is validated; the data comes back as read."""

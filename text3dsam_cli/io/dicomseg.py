@@ -28,6 +28,7 @@ from text3dsam_cli.io.atomic import atomic_path, describe_os_error
 from text3dsam_cli.io.itk import first_error_line
 from text3dsam_cli.io.segment_codes import code_for_prompt
 from text3dsam_cli.io.volume import Volume
+from text3dsam_cli.labels import label_dtype
 
 #: Message when the optional dependency is missing.
 MISSING_HIGHDICOM = "DICOM-SEG output needs highdicom: pip install 'text3dsam-cli[dicomseg]'"
@@ -109,7 +110,7 @@ def _segment_map(labels: np.ndarray, values: list[int]) -> np.ndarray:
     if not valid.all():
         unknown = np.unique(labels[~valid]).tolist()
         raise ValueError(f"label map holds values {unknown[:10]} that are not among the label values {values}")
-    lut = np.zeros(size, dtype=np.uint8 if len(values) <= 255 else np.uint16)
+    lut = np.zeros(size, dtype=label_dtype([len(values)]))  # segment numbers 1..len(values)
     lut[values] = np.arange(1, len(values) + 1)
     return lut[labels]
 

@@ -17,6 +17,7 @@ from text3dsam_cli.errors import OutputError
 from text3dsam_cli.io import formats
 from text3dsam_cli.io.images import SHEARED_NIFTI, is_orthogonal, verify_image_file, volume_to_image
 from text3dsam_cli.io.volume import Volume
+from text3dsam_cli.labels import label_dtype
 
 __all__ = ["OUTPUT_SUFFIXES", "SHEARED_NIFTI", "is_orthogonal", "label_dtype", "verify_image_file", "volume_to_image",
            "write_label_map", "write_volume"]
@@ -39,16 +40,6 @@ def write_volume(volume: Volume, path: str | os.PathLike[str], compress: bool = 
         raise OutputError(f"unsupported output file type{formats.unwritable_hint(path)}; use one of "
                           f"{', '.join(OUTPUT_SUFFIXES)}", path)
     return fmt.write_volume(volume, path, compress)
-
-
-def label_dtype(labels: np.ndarray) -> np.dtype:
-    """Smallest unsigned dtype for a label map: uint8 up to 255, uint16 up to 65535, else uint32."""
-    top = int(labels.max()) if labels.size else 0
-    if top <= 255:
-        return np.dtype(np.uint8)
-    if top <= 65535:
-        return np.dtype(np.uint16)
-    return np.dtype(np.uint32)
 
 
 def write_label_map(labels: np.ndarray, like: Volume, path: str | os.PathLike[str]) -> Path:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 # Fields of the published config.json (MagicXin/Text3DSAM), in its order.
@@ -103,12 +101,6 @@ class Text3DSAMConfig:
         kwargs = {k: v for k, v in data.items() if k in known}
         extra = {k: v for k, v in data.items() if k not in known}
         return cls(**kwargs, extra=extra)
-
-    @classmethod
-    def from_json_file(cls, path: str | Path) -> Text3DSAMConfig:
-        """Read a ``config.json``."""
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
 
     def to_dict(self) -> dict[str, Any]:
         """The ``config.json`` content: published fields first, then ours, then unknown extras."""

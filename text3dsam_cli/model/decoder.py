@@ -24,23 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from text3dsam_cli.model.image_encoder import DecomposedConv3d
-
-
-def interpolation_matrix(in_size: int, out_size: int) -> torch.Tensor:
-    """(out, in) matrix of 1-D linear interpolation with PyTorch's ``align_corners=False`` rule."""
-    scale = in_size / out_size
-    # Built on the CPU explicitly: models are constructed on the meta device and then loaded with assign=True,
-    # which fills checkpoint tensors only; this derived (non-persistent) buffer must hold real numbers.
-    src = ((torch.arange(out_size, dtype=torch.float64, device="cpu") + 0.5) * scale - 0.5).clamp(min=0)
-    i0 = src.floor().long().clamp(max=in_size - 1)
-    i1 = (i0 + 1).clamp(max=in_size - 1)
-    w1 = src - i0
-    matrix = torch.zeros(out_size, in_size, dtype=torch.float64, device="cpu")
-    rows = torch.arange(out_size, device="cpu")
-    matrix.index_put_((rows, i0), 1 - w1, accumulate=True)
-    matrix.index_put_((rows, i1), w1, accumulate=True)
-    return matrix.float()
-
+from text3dsam_cli.model.interpolation import interpolation_matrix
 
 # Line sets read by the stride-4 decomposed convolution: branch c1 (kernel along D) reads every D at H, W
 # multiples of 4; c2 every H at D, W multiples of 4; c3 every W at D, H multiples of 4.

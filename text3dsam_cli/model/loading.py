@@ -1,4 +1,5 @@
-"""Checkpoint folder <-> model: config and text-config resolution, strict tensor check, tokenizer, saving."""
+"""Checkpoint folder -> model: config and text-config resolution, strict tensor check, tokenizer (saving is
+:mod:`text3dsam_cli.model.saving`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from typing import Any
 import torch
 
 from text3dsam_cli.errors import CheckpointError
-from text3dsam_cli.io.atomic import write_json, write_text
 from text3dsam_cli.model.config import Text3DSAMConfig
 from text3dsam_cli.model.hub import ModelLocation, hub_cache_dir, hub_offline, resolve_model
 from text3dsam_cli.model.text3dsam import Text3DSAM
@@ -83,7 +83,11 @@ def resolve_text_config(config: Text3DSAMConfig, tensors: Mapping[str, torch.Ten
 
 
 def check_state_dict(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], where: Path) -> None:
-    """Refuse missing, unexpected or mis-shaped tensors, naming the first few of each."""
+    """Refuse missing, unexpected or mis-shaped tensors, naming the first few of each.
+
+    :func:`load_model` lets ``load_state_dict(strict=True)`` do the check and calls this only to word its
+    refusal (checking first cost 1-17 ms per load, measured; see ``docs/dependencies.md``).
+    """
     expected = model.state_dict()
     missing = [k for k in expected if k not in tensors]
     unexpected = [k for k in tensors if k not in expected]
@@ -189,8 +193,12 @@ def load_model(source: str | os.PathLike[str] | None = None, revision: str | Non
             model = Text3DSAM(config)
     except (ValueError, RuntimeError) as exc:
         raise CheckpointError(f"invalid text-encoder config ({exc})", folder / "config.json") from exc
-    check_state_dict(model, tensors, folder)
-    model.load_state_dict(tensors, strict=True, assign=True)
+    try:
+        model.load_state_dict(tensors, strict=True, assign=True)
+    except RuntimeError as exc:  # torch's strict check refused the tensors: name them in one line
+        check_state_dict(model, tensors, folder)
+        reason = str(exc).strip().splitlines()[-1].strip()
+        raise CheckpointError(f"checkpoint does not match the Text3DSAM architecture: {reason}", folder) from exc
     # The tokenizer is loaded on first use: a run whose prompts are all in the embedding store never needs it.
     has_files = any((folder / name).is_file() for name in TOKENIZER_FILES)
     model.set_tokenizer_loader(lambda: load_tokenizer(folder, config.text_model),
@@ -199,38 +207,3 @@ def load_model(source: str | os.PathLike[str] | None = None, revision: str | Non
         model.tokenizer  # noqa: B018 - resolve the cache now, so a missing tokenizer fails at load time
     model.source = location.describe()
     return model.to(device).eval()
-
-
-def save_model(model: Text3DSAM, folder: str | os.PathLike[str]) -> Path:
-    """Write ``config.json`` (with ``text_config``), ``model.safetensors`` and tokenizer files into ``folder``."""
-    from safetensors.torch import save_file
-
-    out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
-    config = model.config.to_dict()
-    config["text_config"] = dict(model.config.text_config or {})
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    tmp = out / ".model.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600 files; models are meant to be shared
-    os.replace(tmp, out / "model.safetensors")
-    write_json(out / "config.json", config)
-    if model.tokenizer is not None:
-        save_tokenizer(model.tokenizer, out)
-    return out
-
-
-def save_tokenizer(tokenizer: Any, folder: Path) -> None:
-    """Tokenizer files: a plain ``vocab.txt`` (that the authors' ``BertTokenizer`` reads too) and its configs."""
-    if isinstance(tokenizer, WordPieceTokenizer):
-        tokenizer.save_pretrained(folder)
-        return
-    tokenizer.save_pretrained(str(folder))  # another tokenizer object (e.g. transformers'): keep its files
-    vocab = tokenizer.get_vocab()
-    tokens = sorted(vocab, key=vocab.__getitem__)
-    write_text(folder / "vocab.txt", "".join(t + "\n" for t in tokens))
-    special = {name: str(getattr(tokenizer, name)) for name in
-               ("cls_token", "mask_token", "pad_token", "sep_token", "unk_token")}
-    write_json(folder / "special_tokens_map.json", special)

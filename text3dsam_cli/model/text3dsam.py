@@ -11,6 +11,7 @@ from torch import nn
 from text3dsam_cli.model.config import Text3DSAMConfig
 from text3dsam_cli.model.decoder import ImageContext, SegDecoder
 from text3dsam_cli.model.image_encoder import ImageEncoder
+from text3dsam_cli.model.saving import save_model
 from text3dsam_cli.model.text_encoder import build_text_encoder, build_text_projector
 
 
@@ -115,6 +116,4 @@ class Text3DSAM(nn.Module):
 
     def save_pretrained(self, folder: str) -> None:
         """Write ``config.json`` (with ``text_config``), ``model.safetensors`` and the tokenizer files."""
-        from text3dsam_cli.model.loading import save_model
-
         save_model(self, folder)

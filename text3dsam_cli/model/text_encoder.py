@@ -27,16 +27,22 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-#: Attention-head counts of encoders the published model family uses (not inferable from tensor shapes).
-KNOWN_HEADS = {
-    "nlpie/tiny-clinicalbert": 12,
-    "nlpie/bio-tinybert": 12,
-    "huawei-noah/TinyBERT_General_4L_312D": 12,
-    "bert-base-uncased": 12,
-    "google-bert/bert-base-uncased": 12,
-    "emilyalsentzer/Bio_ClinicalBERT": 12,
-    "microsoft/BiomedNLP-PubMedBERT-base-uncased-abstract-fulltext": 12,
+#: BERT geometry of the text encoders the published model family uses: building one from scratch when neither a
+#: local folder nor the HF cache has its config, and the attention heads of a checkpoint (not inferable from
+#: tensor shapes).
+_TINY_BERT = {"hidden_size": 312, "num_hidden_layers": 4, "num_attention_heads": 12, "intermediate_size": 1200}
+_BERT_BASE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072}
+KNOWN_TEXT_MODELS: dict[str, dict[str, int]] = {
+    "nlpie/tiny-clinicalbert": _TINY_BERT,
+    "nlpie/bio-tinybert": _TINY_BERT,
+    "huawei-noah/TinyBERT_General_4L_312D": _TINY_BERT,
+    "bert-base-uncased": _BERT_BASE,
+    "google-bert/bert-base-uncased": _BERT_BASE,
+    "emilyalsentzer/Bio_ClinicalBERT": _BERT_BASE,
+    "microsoft/BiomedNLP-PubMedBERT-base-uncased-abstract-fulltext": _BERT_BASE,
 }
+#: Attention-head counts of :data:`KNOWN_TEXT_MODELS`.
+KNOWN_HEADS = {name: geometry["num_attention_heads"] for name, geometry in KNOWN_TEXT_MODELS.items()}
 #: Head size assumed for an unknown encoder when the head count has to be guessed.
 DEFAULT_HEAD_DIM = 64
 
