@@ -162,10 +162,10 @@ def test_download_fills_store_from_vocabulary(small_checkpoint, tmp_path):
 
 WARM_RUN = """
 import sys
-from text3dsam_cli.cli import main
+from text3dsam_cli.cli import app
 sys.argv = ["text3dsam", *sys.argv[1:]]
 try:
-    main()
+    app(prog_name="text3dsam")  # not main(): it ends the process without returning
 except SystemExit as exc:
     code = exc.code or 0
 else:

@@ -343,3 +343,22 @@ def test_prompt_file_text_and_errors(small_checkpoint, tmp_path):
     assert result.exit_code == 1 and "bad.json" in result.stderr
     result = segment(CT, "liver", "--prompt-file", tmp_path / "p.txt", "-m", small_checkpoint)
     assert result.exit_code == 2
+
+
+def test_console_entry_point_flushes_and_keeps_the_exit_status(tmp_path):
+    """`main()` ends the process without interpreter teardown: output must still arrive, statuses unchanged."""
+    import subprocess
+    import sys
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "text3dsam_cli", *args], capture_output=True, text=True,
+                              timeout=120)
+
+    version = run("--version")
+    assert version.returncode == 0 and version.stdout.strip().startswith("text3dsam ")
+    missing = run("segment", str(tmp_path / "none.nii.gz"), "liver", "-o", str(tmp_path / "x.nii.gz"))
+    assert missing.returncode == 1 and "none.nii.gz" in missing.stderr
+    usage = run("segment", "--no-such-option")
+    assert usage.returncode == 2 and "no-such-option" in usage.stderr.lower()
+    listing = run("prompts", "liver", "--json")
+    assert listing.returncode == 0 and listing.stdout.rstrip().endswith(("]", "}"))

@@ -6,7 +6,9 @@ import contextlib
 import functools
 import logging
 import math
+import os
 import signal
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -151,6 +153,24 @@ def quiet_libraries(debug: bool) -> None:
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app(prog_name="text3dsam")
+    """Console-script entry point.
+
+    Once the command has finished (every output written, atomically, and closed), the process ends without
+    the interpreter's teardown: freeing torch's and the model's objects one by one took about 0.5 s of a
+    7 s `segment` run. Streams and logging are flushed first; the exit status is the command's.
+    """
+    try:
+        app(prog_name="text3dsam")
+        code = 0
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            code = exc.code or 0
+        else:  # SystemExit("message"): printed to stderr with status 1, as the interpreter would
+            print(exc.code, file=sys.stderr)
+            code = 1
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
