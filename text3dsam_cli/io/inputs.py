@@ -29,7 +29,6 @@ from typing import TextIO
 
 from text3dsam_cli.errors import InputError, UsageError
 from text3dsam_cli.io import formats
-from text3dsam_cli.io.dicom import folder_has_dicom_images, is_dicom_file
 from text3dsam_cli.io.readers import image_format, strip_image_suffix
 
 GT_SUFFIX = "_gt.npz"
@@ -75,10 +74,14 @@ def _is_series_folder(folder: Path) -> bool:
         return False
     if any(image_format(p) not in (None, _SERIES.name) for p in files):
         return False
+    from text3dsam_cli.io.dicom import folder_has_dicom_images  # pydicom + SimpleITK: only for folders
+
     return folder_has_dicom_images(folder)
 
 
 def _expand_folder(folder: Path) -> list[InputItem]:
+    from text3dsam_cli.io.dicom import folder_has_dicom_images, is_dicom_file  # only folders need pydicom
+
     try:
         entries = sorted(folder.iterdir())
     except OSError as exc:
