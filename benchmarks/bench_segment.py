@@ -93,33 +93,23 @@ def worker(kind: str, checkpoint: str, case: str, repeat: int, out: str) -> None
         json.dump({"times": times, "rss_mb": peak_rss_mb(), "prompts": len(prompts)}, f)
 
 
-#: Runs a module or script as __main__ and writes its own peak RSS to a JSON file at exit.
-RSS_WRAPPER = r"""
-import atexit, json, resource, runpy, sys
-out = sys.argv[1]
-def _report():
-    with open(out, "w") as f:
-        json.dump({"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}, f)
-atexit.register(_report)
-mode, target = sys.argv[2], sys.argv[3]
-sys.argv = [target, *sys.argv[4:]]
-if mode == "module":
-    runpy.run_module(target, run_name="__main__", alter_sys=True)
-else:
-    runpy.run_path(target, run_name="__main__")
-"""
-
-
 def whole_process(args: list[str], tmp: Path, env: dict[str, str] | None = None) -> dict:
-    """Wall time (from the outside) and peak RSS of one whole Python process."""
-    report = tmp / f"rss-{time.monotonic_ns()}.json"
-    t = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", RSS_WRAPPER, str(report), *args], capture_output=True, text=True,
-                          env=env)
-    seconds = time.perf_counter() - t
-    if proc.returncode:
-        raise SystemExit(f"failed: {' '.join(args)}\n{proc.stderr[-3000:]}")
-    return {"seconds": seconds, "rss_mb": json.loads(report.read_text())["rss_mb"]}
+    """Wall time (from the outside) and peak RSS (the kernel's, from ``wait4``) of one whole Python process.
+
+    ``args``: ``["module", name, *argv]`` runs ``python -m name``, ``["path", script, *argv]`` a script.
+    """
+    kind, target, *rest = args
+    command = [sys.executable, "-m", target, *rest] if kind == "module" else [sys.executable, target, *rest]
+    with tempfile.TemporaryFile(dir=tmp) as err:
+        t = time.perf_counter()
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - t
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode:
+            err.seek(0)
+            raise SystemExit(f"failed: {' '.join(args)}\n{err.read().decode(errors='replace')[-3000:]}")
+    return {"seconds": seconds, "rss_mb": usage.ru_maxrss / 1024}
 
 
 def authors_process(checkpoint: str, case: str, out: str, threads: int) -> None:
