@@ -117,7 +117,7 @@ def exact_worker(checkpoint: str, ct: str, out: str, device: str, threads: int) 
     torch.set_num_threads(threads)
     texts = prompts()
     segmenter = Segmenter(load_model(checkpoint), device=device, mode="whole")
-    scan = prepare_scan(read_volume(ct), orientation="native", in_place=True)
+    scan = prepare_scan(read_volume(ct), modality="CT", orientation="native", in_place=True)
     encoded = segmenter.encode(scan.image, scan.spacing)
     segmenter.segment_encoded(encoded, texts)  # keeps each prompt's low-resolution logits on `encoded`
     logits = torch.stack([encoded.logits[t] for t in texts]).float()
@@ -157,7 +157,10 @@ def main() -> None:
         help_text = subprocess.run([sys.executable, "-m", "text3dsam_cli", "segment", "--help"],
                                    capture_output=True, text=True).stdout
         orientation = ["--orientation", "native"] if "--orientation" in help_text else []
+        # --modality CT: the tiled AMOS values span -160..240 HU (no air), so the "minimum < -500 HU" heuristic
+        # would take this CT for MR and normalise it by percentiles.
         seg = ["module", "text3dsam_cli", "segment", str(ct), *prompts(), "-m", str(checkpoint), "--mode", "whole",
+               "--modality", "CT",
                *orientation, "--device", args.device, "--threads", str(args.threads), "-q",
                "-o", str(tmp / "ours.nii.gz")]
         whole_process(seg, tmp, env)  # warm-up: fills the prompt-embedding store and the page cache
