@@ -250,14 +250,11 @@ def upsample_argmax(logits: torch.Tensor, out_shape: Sequence[int], label_values
 #: float32); on a GPU large, so that each kernel launch has work enough (64 MB).
 DENSE_BLOCK = 1 << 19
 DENSE_BLOCK_GPU = 1 << 24
-
-
-_THREADS_LOCK = threading.Lock()
-
-
 #: Worker threads of the dense CPU path: two share the cores between them (more contend for the GIL: 16 workers
 #: took 3.6x longer than torch's own 16 threads on a 16-core machine).
 DENSE_WORKERS = 2
+
+_THREADS_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -275,6 +272,7 @@ def intra_op_threads(threads: int) -> Iterator[None]:
 def dense_block(device: torch.device) -> int:
     """Block size (values) of :func:`upsample_argmax_dense` on ``device``."""
     return DENSE_BLOCK if device.type == "cpu" else DENSE_BLOCK_GPU
+
 
 #: Prompts per voxel that the packed-key argmax of :func:`upsample_argmax_dense` can rank in int32.
 PACKED_PROMPTS = 127
@@ -340,9 +338,7 @@ def upsample_argmax_dense(logits: torch.Tensor, out_shape: Sequence[int], label_
     lut = torch.tensor([0, *label_values], dtype=torch.int64, device=device)
     # Prompts are taken in groups whose keys fit int32; a later group wins only by a higher probability.
     group = min(k, PACKED_PROMPTS)
-    # Default block: cache-sized per intra-op thread of each worker (see the end of this function).
-    per_worker = max(1, torch.get_num_threads() // DENSE_WORKERS) if device.type == "cpu" else 1
-    rows_per_block = max(1, (chunk_voxels or dense_block(device) * per_worker) // max(1, group * out_w))
+    rows_per_block = max(1, (chunk_voxels or dense_block(device)) // max(1, group * out_w))
     blocks = _blocks(_runs(h, out_h, device), rows_per_block)
     rank = torch.arange(PACKED_PROMPTS, PACKED_PROMPTS - group, -1, dtype=torch.int32, device=device).view(-1, 1, 1)
 
