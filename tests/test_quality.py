@@ -37,12 +37,13 @@ def test_real_label_map_matches_scipy_whole_volume_counts():
         sizes = np.bincount(components.ravel())[1:]
         entry = report[value]
         assert entry["components"] == count, value
+        assert entry["voxels"] == int(mask.sum()), value
         assert entry["largest_component_ml"] == pytest.approx(sizes.max() * volume.voxel_volume_ml if count else 0,
                                                               abs=1e-4)
         assert entry["touches_border"] == _on_outer_face(mask), value
         several += count > 1
     assert several >= 3  # the map really has fragmented labels, and the check saw them
-    assert report[200] == {"components": 0, "largest_component_ml": 0.0, "touches_border": False}
+    assert report[200] == {"voxels": 0, "components": 0, "largest_component_ml": 0.0, "touches_border": False}
     assert any(e["touches_border"] for e in report.values()) and not all(e["touches_border"] for e in report.values())
 
 
@@ -77,7 +78,7 @@ def test_border_flags_and_26_connectivity_on_synthetic_maps():
     labels[2, 2, 2] = 2
     labels[3, 3, 3] = 2  # touches the first voxel at a corner only: one 26-connected component
     report = assess_labels(labels, [1, 2], 0.001)
-    assert report[1] == {"components": 1, "largest_component_ml": 0.008, "touches_border": False}
+    assert report[1] == {"voxels": 8, "components": 1, "largest_component_ml": 0.008, "touches_border": False}
     assert report[2]["components"] == 1 and not report[2]["touches_border"]
     for axis in range(3):
         for end in (0, shape[axis] - 1):
@@ -97,7 +98,7 @@ def test_border_flags_and_26_connectivity_on_synthetic_maps():
     gone = labels.copy()
     report = assess_labels(gone, [1], 0.001, min_size_ml=1.0)
     assert report[1]["components"] == 0 and not (gone == 1).any()
-    assert flags({"voxels": 0, **report[1]}) == ["empty", "removed 0.008 ml"]
+    assert report[1]["voxels"] == 0 and flags(report[1]) == ["empty", "removed 0.008 ml"]
 
 
 def test_segment_cleanup_applies_to_every_output_and_prints_a_table(small_checkpoint, tmp_path):
@@ -139,7 +140,7 @@ def _reference_report(labels: np.ndarray, values: list[int], ml: float, largest:
             keep &= sizes * ml >= min_ml
         cleaned[np.isin(components, np.flatnonzero(~keep) + 1)] = 0
         kept = np.isin(components, np.flatnonzero(keep) + 1)
-        entry = {"components": int(keep.sum()),
+        entry = {"voxels": int(kept.sum()), "components": int(keep.sum()),
                  "largest_component_ml": round(float(sizes[keep].max()) * ml, 4) if keep.any() else 0.0,
                  "touches_border": _on_outer_face(kept)}
         if largest or min_ml:
@@ -164,3 +165,21 @@ def test_one_pass_matches_per_label_definition_on_random_maps(seed):
         want, want_map = _reference_report(labels, values, 0.001, largest, min_ml)
         assert got == want, (seed, largest, min_ml)
         assert np.array_equal(got_map, want_map), (seed, largest, min_ml)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_small_run_blocks_and_flipped_views_give_the_same_report(seed, monkeypatch):
+    """Runs cut by block edges still add up, and a flipped (non-contiguous) view is assessed and cleaned in place."""
+    import text3dsam_cli.quality as quality
+
+    rng = np.random.default_rng(100 + seed)
+    labels = rng.integers(0, 3, size=(9, 11, 13)).astype(np.uint8)
+    labels[rng.random(labels.shape) < 0.6] = 0
+    base = labels[::-1, :, ::-1].copy()
+    view = base[::-1, :, ::-1]  # the same logical map as `labels`, stored flipped
+    assert np.array_equal(view, labels) and not view.flags.c_contiguous
+    want, want_map = _reference_report(labels, [1, 2], 0.001, True, None)
+    monkeypatch.setattr(quality, "RUN_BLOCK", 7)
+    got = assess_labels(view, [1, 2], 0.001, largest_component=True)
+    assert got == want
+    assert np.array_equal(base[::-1, :, ::-1], want_map)  # cleaned through the view

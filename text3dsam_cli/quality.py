@@ -1,14 +1,14 @@
 """How plausible each label of a label map looks, and connected-component clean-up.
 
-Per label value: ``components`` (26-connected), ``largest_component_ml`` and ``touches_border`` (some voxel
+Per label value: ``voxels``, ``components`` (26-connected), ``largest_component_ml`` and ``touches_border`` (some voxel
 lies on the volume's outer face: the structure may continue outside the field of view). Optionally, before
 anything is written, :func:`assess_labels` keeps only the largest component of each label and/or drops
 components smaller than a volume in ml; removed voxels become background (0).
 
 One pass labels the components of every label value at once (``connected-components-3d`` multi-label mode:
 touching voxels of different values are different components), a second gives each component's size and
-bounding box (``cc3d.statistics``). That costs the same whatever the labels look like; the earlier per-label
-pass cost one whole-volume labelling per prompt when masks were scattered (see ``docs/performance.md``).
+owner (a run-length pass over the component map). That costs the same whatever the labels look like; the earlier
+per-label pass cost one whole-volume labelling per prompt when masks were scattered (see ``docs/performance.md``).
 """
 
 from __future__ import annotations
@@ -22,25 +22,44 @@ import numpy as np
 CONNECTIVITY = 26
 
 
+#: Voxels per block of the run-length pass of :func:`_components` (16 M: a 16 MB mask and modest index arrays).
+RUN_BLOCK = 1 << 24
+
+
 def _components(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Component map, and per component id (0 = background): owning label value, voxel count, border contact.
 
     cc3d numbers components in raster order of their first voxel, so a lower id is earlier in raster order.
+    Sizes and owners come from the runs of equal ids along the raster order (one comparison per voxel, then
+    work per run only), border contact from the ids found on the six faces.
     """
+    labels = np.ascontiguousarray(labels)  # raster order = C order (a flipped view is copied once)
     components, count = cc3d.connected_components(labels, connectivity=CONNECTIVITY, return_N=True)
-    stats = cc3d.statistics(components, no_slice_conversion=True)
-    sizes = np.asarray(stats["voxel_counts"], dtype=np.int64)[: count + 1]
-    boxes = np.asarray(stats["bounding_boxes"], dtype=np.int64)[: count + 1].reshape(-1, 3, 2)  # (min, max) per axis
+    components = np.ascontiguousarray(components)
+    ids_flat, labels_flat = components.reshape(-1), labels.reshape(-1)
+    sizes = np.zeros(count + 1, dtype=np.int64)
     owner = np.zeros(count + 1, dtype=labels.dtype)
-    owner[components.reshape(-1)] = labels.reshape(-1)
-    last = np.asarray(labels.shape, dtype=np.int64) - 1
-    border = ((boxes[:, :, 0] == 0) | (boxes[:, :, 1] == last)).any(axis=1)
+    edge = np.empty(min(RUN_BLOCK, ids_flat.size), dtype=bool)
+    for start in range(0, ids_flat.size, RUN_BLOCK):
+        block = ids_flat[start:start + RUN_BLOCK]
+        first = edge[: block.size]
+        first[0] = True
+        np.not_equal(block[1:], block[:-1], out=first[1:])
+        run_starts = np.flatnonzero(first)
+        run_ids = block[run_starts]
+        lengths = np.diff(run_starts, append=block.size)
+        sizes += np.bincount(run_ids, weights=lengths, minlength=count + 1).astype(np.int64)
+        owner[run_ids] = labels_flat[start:start + RUN_BLOCK][run_starts]
+    border = np.zeros(count + 1, dtype=bool)
+    for axis in range(components.ndim):
+        for index in (0, -1):
+            border[np.take(components, index, axis=axis)] = True
     return components, owner, sizes, border
 
 
 def assess_labels(labels: np.ndarray, values: Sequence[int], voxel_ml: float, largest_component: bool = False,
                   min_size_ml: float | None = None) -> dict[int, dict[str, Any]]:
-    """Per label value: ``components``, ``largest_component_ml``, ``touches_border`` of ``labels``.
+    """Per label value: ``voxels``, ``components``, ``largest_component_ml``, ``touches_border`` of ``labels``.
 
     With ``largest_component`` (keep one component per label) or ``min_size_ml`` (drop components smaller than
     that), ``labels`` is cleaned **in place** first and the figures describe the cleaned map; each entry then
@@ -54,7 +73,7 @@ def assess_labels(labels: np.ndarray, values: Sequence[int], voxel_ml: float, la
         components, owner, sizes, border = _components(labels)
         drop = np.zeros(owner.shape, dtype=bool)
     for value in wanted:
-        entry: dict[str, Any] = {"components": 0, "largest_component_ml": 0.0, "touches_border": False}
+        entry: dict[str, Any] = {"voxels": 0, "components": 0, "largest_component_ml": 0.0, "touches_border": False}
         if clean:
             entry["removed_ml"] = 0.0
         report[value] = entry
@@ -76,6 +95,7 @@ def assess_labels(labels: np.ndarray, values: Sequence[int], voxel_ml: float, la
             ids = ids[keep]
         if ids.size == 0:
             continue
+        entry["voxels"] = int(sizes[ids].sum())
         entry["components"] = int(ids.size)
         entry["largest_component_ml"] = round(float(sizes[ids].max()) * voxel_ml, 4)
         entry["touches_border"] = bool(border[ids].any())
