@@ -201,3 +201,62 @@ def test_unwritable_folder_is_output_error_even_as_root(tmp_path: Path, monkeypa
     with pytest.raises(OutputError, match="not writable") as info:
         write_volume(Volume(np.zeros((2, 3, 4), np.uint8)), folder / "seg.nii.gz")
     assert "readonly" in str(info.value)
+
+
+def _itk_nifti_bytes(volume: Volume, folder: Path) -> bytes:
+    """The .nii file ITK itself writes for ``volume`` (the reference of the header-then-voxels writer)."""
+    import SimpleITK as sitk
+
+    from text3dsam_cli.io.images import volume_to_image
+
+    name = folder / "itk.nii"
+    sitk.WriteImage(volume_to_image(volume), str(name), False)
+    return name.read_bytes()
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.uint16, np.int32, np.int64, np.float32, np.float64,
+                                   np.float16, np.bool_])
+@pytest.mark.parametrize("shape", [(5, 6, 7), (1, 6, 7), (5, 1, 1), (40, 3, 2)])
+def test_nifti_files_equal_itks_own_byte_for_byte(tmp_path: Path, dtype, shape) -> None:
+    """Header from ITK (one-voxel image, sizes set), voxels from the array: the same file ITK writes, for every
+    dtype (bool and float16 converted as ITK needs), singleton sizes and an oblique geometry."""
+    import gzip
+
+    rng = np.random.default_rng(len(shape) * 10 + shape[0])
+    q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    volume = Volume((rng.random(shape) * 90).astype(dtype), tuple(rng.uniform(0.3, 3, 3)),
+                    tuple(rng.uniform(-100, 100, 3)), tuple(q.ravel()))
+    want = _itk_nifti_bytes(volume, tmp_path)
+    assert write_volume(volume, tmp_path / "plain.nii").read_bytes() == want
+    assert gzip.decompress(write_volume(volume, tmp_path / "packed.nii.gz").read_bytes()) == want
+
+
+def test_nifti_writer_takes_views_and_big_endian_arrays(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flipped view and a big-endian array are written in C order, little-endian, slab by slab."""
+    import text3dsam_cli.io.images as images
+
+    monkeypatch.setattr(images, "SLAB_BYTES", 50)  # several slabs
+    base = np.arange(9 * 4 * 5, dtype=np.int16).reshape(9, 4, 5)
+    view = base[::-1, :, ::2]
+    for array in (view, base.astype(">i2")):
+        volume = Volume(array, (0.5, 0.7, 1.2))
+        back = read_volume(write_volume(volume, tmp_path / "v.nii.gz"))
+        assert np.array_equal(back.array, array) and back.array.dtype == np.int16
+
+
+def test_nifti_stream_stopping_half_way_never_reaches_the_final_name(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fault injection in the header-then-voxels writer: a stream that silently stops half-way is detected."""
+    import text3dsam_cli.io.images as images
+
+    real = images.write_voxels
+
+    def half(fp, array):
+        real(fp, array[: array.shape[0] // 2])
+
+    monkeypatch.setattr(images, "write_voxels", half)
+    volume = Volume(np.ones((8, 6, 5), dtype=np.uint8))
+    for suffix in (".nii.gz", ".nii"):
+        with pytest.raises(OutputError, match="write failed"):
+            write_volume(volume, tmp_path / f"seg{suffix}")
+    assert list(tmp_path.iterdir()) == []

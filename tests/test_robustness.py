@@ -172,7 +172,9 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_killed_run_is_redone_by_skip_existing(small_checkpoint, two_inputs, tmp_path, sig):
     out = tmp_path / "out"
-    proc = _cli(two_inputs, "liver", "spleen", "--probabilities", "-m", small_checkpoint, "-o", out)
+    # Six prompts: six probability maps follow the label map, a window wide enough to land the signal in.
+    prompts = ["liver", "spleen", "aorta", "stomach", "left kidney", "pancreas"]
+    proc = _cli(two_inputs, *prompts, "--probabilities", "-m", small_checkpoint, "-o", out)
     _wait_for(out / "ct.nii.gz", proc)  # the label map is there, the probability maps and sidecar are not yet
     proc.send_signal(sig)
     stdout, stderr = (s.decode() for s in proc.communicate(timeout=120))
@@ -182,13 +184,12 @@ def test_killed_run_is_redone_by_skip_existing(small_checkpoint, two_inputs, tmp
         assert _temps(out) == [] and not (out / "ct.json").exists()
     else:
         assert proc.returncode == -signal.SIGKILL
-    proc = _cli(two_inputs, "liver", "spleen", "--probabilities", "-m", small_checkpoint, "-o", out,
-                "--skip-existing")
+    proc = _cli(two_inputs, *prompts, "--probabilities", "-m", small_checkpoint, "-o", out, "--skip-existing")
     stdout, stderr = (s.decode() for s in proc.communicate(timeout=600))
     assert proc.returncode == 0, stderr
     assert not _skipped(stderr)
     assert sorted(stdout.split()) == [str(out / "ct.nii.gz"), str(out / "mr.nii.gz")]
-    _assert_complete(out, ["ct", "mr"], ["_prob1.nii.gz", "_prob2.nii.gz"])
+    _assert_complete(out, ["ct", "mr"], [f"_prob{i}.nii.gz" for i in range(1, 7)])
 
 
 def test_interrupt_right_after_a_rename_leaves_nothing_unowned(small_checkpoint, tmp_path, monkeypatch):
@@ -392,6 +393,18 @@ def test_temp_names_and_stale_cleanup(tmp_path):
     other.write_bytes(b"")
     assert clean_stale_temps([target]) == [stale]
     assert other.exists()
+
+
+def test_nii_gz_written_through_isal_reads_back_like_itks_own(tmp_path):
+    """ITK writes the plain .nii, ISA-L compresses it: same header and voxels as ITK's own .nii.gz."""
+    import gzip
+
+    volume = read_volume(CT)
+    ours = write_volume(volume, tmp_path / "ours.nii.gz")
+    itk = tmp_path / "itk.nii.gz"
+    sitk.WriteImage(sitk.ReadImage(str(CT)), str(itk), True)
+    assert gzip.decompress(ours.read_bytes()) == gzip.decompress(itk.read_bytes())
+    assert _temps(tmp_path) == []
 
 
 # ---------------------------------------------------------------------------- 9. memory, 10. prompts
