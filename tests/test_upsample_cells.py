@@ -125,3 +125,14 @@ def test_dense_path_matches_the_authors_rule_in_blocks(shape):
         labels, _ = upsample_argmax_dense(logits[:, :4, :5, :6], shape, values, chunk_voxels=block)
         expected = _authors_rule(logits[:, :4, :5, :6], shape)
         assert (labels == expected).mean() >= 0.999, block
+
+
+def test_dense_path_maps_prompts_to_their_label_values():
+    """Label values other than 1..K go through the lookup; 1..K are written as they come (no lookup)."""
+    logits = _smooth_logits(5, 4, scale=8.0)[:, :4, :5, :6]
+    shape = (7, 11, 9)
+    plain, _ = upsample_argmax_dense(logits, shape, [1, 2, 3, 4, 5])
+    values = [10, 20, 3, 250, 7]
+    mapped, _ = upsample_argmax_dense(logits, shape, values)
+    assert len(np.unique(plain)) > 2
+    assert np.array_equal(mapped, np.asarray([0, *values], dtype=np.uint8)[plain])

@@ -278,6 +278,8 @@ def dense_block(device: torch.device) -> int:
 PACKED_PROMPTS = 127
 #: float32 bit pattern of 0.5: probabilities in [0.5, 1] are these bits plus 0 .. 2**23.
 HALF_BITS = 0x3F000000
+#: HALF_BITS shifted left by 7 in int32 (wrapping to INT32_MIN), then arithmetically right by 7: background.
+BACKGROUND_BITS = -(1 << 24)
 
 
 def _runs(in_size: int, out_size: int, device: torch.device) -> list[tuple[int, int, int, int, torch.Tensor]]:
@@ -323,7 +325,7 @@ def upsample_argmax_dense(logits: torch.Tensor, out_shape: Sequence[int], label_
     prompts at once, in blocks of about ``chunk_voxels`` values so that the few passes over each block run in
     the CPU cache. Probabilities are compared as float32, like the authors' code: clamped at 0.5 (background
     wins at or below it), their bit patterns are ordered integers, so one int32 key per voxel and prompt,
-    bits * 128 + (127 - prompt), ranks by probability and then by earlier prompt (ties, e.g. two saturated
+    bits << 7 | (127 - prompt), ranks by probability and then by earlier prompt (ties, e.g. two saturated
     1.0), and a single max over the prompts gives the label.
     """
     k, d, h, _ = logits.shape
@@ -336,6 +338,7 @@ def upsample_argmax_dense(logits: torch.Tensor, out_shape: Sequence[int], label_
     labels = np.zeros((out_d, out_h, out_w), dtype=dtype)
     probs = np.zeros((k, out_d, out_h, out_w), dtype=np.float16) if keep_probabilities else None
     lut = torch.tensor([0, *label_values], dtype=torch.int64, device=device)
+    identity = [int(v) for v in label_values] == list(range(1, k + 1))  # label = prompt index: no lookup
     # Prompts are taken in groups whose keys fit int32; a later group wins only by a higher probability.
     group = min(k, PACKED_PROMPTS)
     rows_per_block = max(1, (chunk_voxels or dense_block(device)) // max(1, group * out_w))
@@ -357,17 +360,19 @@ def upsample_argmax_dense(logits: torch.Tensor, out_shape: Sequence[int], label_
                     p.sigmoid_()
                     if probs is not None:
                         probs[g0:g1, z, y0:y1] = p.to(torch.float16).cpu().numpy()
-                    key = p.clamp_(min=0.5).view(torch.int32).sub_(HALF_BITS)  # 0 .. 2**23, ordered like p
-                    top = torch.add(rank[: g1 - g0], key, alpha=PACKED_PROMPTS + 1).amax(0)
-                    bits = top >> 7
-                    label = torch.where(bits > 0, g0 + PACKED_PROMPTS + 1 - (top & PACKED_PROMPTS), 0)
+                    # p in [0.5, 1] has bits HALF_BITS + 0 .. 2**23; shifted left by 7 they wrap to INT32_MIN +
+                    # 0 .. 2**30, still ordered like p, with 7 free low bits for the rank (in place, no copy).
+                    key = p.clamp_(min=0.5).view(torch.int32).bitwise_left_shift_(7)
+                    top = key.bitwise_or_(rank[: g1 - g0]).amax(0)
+                    bits = top >> 7  # arithmetic shift: ordered like p; BACKGROUND_BITS where p <= 0.5
+                    label = torch.where(bits > BACKGROUND_BITS, g0 + PACKED_PROMPTS + 1 - (top & PACKED_PROMPTS), 0)
                     if best_bits is None:
                         best_bits, best_label = bits, label
                     else:
                         better = bits > best_bits
                         best_bits = torch.where(better, bits, best_bits)
                         best_label = torch.where(better, label, best_label)
-                labels[z, y0:y1] = lut[best_label].cpu().numpy()
+                labels[z, y0:y1] = (best_label if identity else lut[best_label]).cpu().numpy()
 
     threads = torch.get_num_threads() if device.type == "cpu" else 1
     workers = min(DENSE_WORKERS, threads)

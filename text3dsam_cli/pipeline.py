@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -255,44 +254,6 @@ def prompt_values(prompts: Sequence[str], values: Sequence[int]) -> dict[str, in
     return {p: v[0] if len(v) == 1 else v for p, v in grouped.items()}
 
 
-class _QualityJob:
-    """:func:`~text3dsam_cli.quality.assess_labels` of one label map, with its wall time: at once when it cleans
-    the map (outputs are written after it), else on a thread of its own, overlapping the writes (both release
-    the GIL: ``cc3d`` and the image writers)."""
-
-    def __init__(self, labels: np.ndarray, values: Sequence[int], voxel_ml: float, largest_component: bool,
-                 min_size_ml: float | None) -> None:
-        self._done: tuple[dict[int, dict[str, Any]], float] | None = None
-        self._error: BaseException | None = None
-        self._thread: threading.Thread | None = None
-        args = (labels, values, voxel_ml, largest_component, min_size_ml)
-        if largest_component or (min_size_ml is not None and min_size_ml > 0):
-            self._run(*args)
-        else:
-            self._thread = threading.Thread(target=self._run, args=args, name="text3dsam-quality", daemon=True)
-            self._thread.start()
-
-    def _run(self, *args: Any) -> None:
-        t0 = time.perf_counter()
-        try:
-            self._done = (assess_labels(*args), time.perf_counter() - t0)
-        except BaseException as exc:  # re-raised by result(), in the caller's thread
-            self._error = exc
-
-    def wait(self) -> None:
-        """Block until the figures are computed (or failed)."""
-        if self._thread is not None:
-            self._thread.join()
-
-    def result(self) -> tuple[dict[int, dict[str, Any]], float]:
-        """The report and the seconds it took; re-raises its failure."""
-        self.wait()
-        if self._error is not None:
-            raise self._error
-        assert self._done is not None
-        return self._done
-
-
 def build_sidecar(item: InputItem, volume: Volume, result: SegmentationResult, model_source: dict[str, Any],
                   modality: dict[str, Any], outputs: dict[str, str], timings: dict[str, float],
                   orientation: dict[str, Any] | None = None,
@@ -526,10 +487,12 @@ class SegmentRun:
         result.labels = scan.to_input_grid(result.labels)
         if result.probabilities is not None:
             result.probabilities = scan.to_input_grid(result.probabilities)
-        # Clean-up (if asked) happens here, before any output is written, so every output agrees; without it the
-        # map is final and its figures are computed on a second thread while the outputs are written.
-        quality_job = _QualityJob(result.labels, result.label_values, volume.voxel_volume_ml, o.largest_component,
-                                  o.min_size_ml)
+        t0 = time.perf_counter()
+        # Clean-up (if asked) happens here, before any output is written, so every output agrees. (Not overlapped
+        # with the writes: cc3d holds the GIL for its whole labelling, which stalled them; docs/performance.md.)
+        quality = assess_labels(result.labels, result.label_values, volume.voxel_volume_ml,
+                                o.largest_component, o.min_size_ml)
+        t_quality = time.perf_counter() - t0
         final = plan_files(plan.labels, FILE_SUFFIXES, result.label_values, o.split, o.probabilities and
                            result.probabilities is not None, o.preview, wanted)
         if final.files != plan.files:  # label values known only now (an npz's own prompts): check again
@@ -543,15 +506,12 @@ class SegmentRun:
         write_marker(final, final.files)
         try:
             self._write_all(item, volume, result, final, written, created, sources)
-            t_write = time.perf_counter() - t0
-            quality, t_quality = quality_job.result()
             timings = {"read_wait": waited, "preprocess": t_pre, **result.timings, "quality": t_quality,
-                       "write": t_write}
+                       "write": time.perf_counter() - t0}
             sidecar = build_sidecar(item, volume, result, dict(self.segmenter.model.source), scan.describe(),
                                     written, timings, scan.orientation, quality)
             write_json(final.sidecar, sidecar)
         except BaseException:  # nothing half-done stays: remove what this attempt wrote (the marker goes last)
-            quality_job.wait()
             discard_attempt(final, created, before)
             raise
         remove_marker(final)
