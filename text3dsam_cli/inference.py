@@ -92,11 +92,26 @@ def _corner_bounds(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     lo, hi = logits, logits
     for axis in (1, 2, 3):
-        n = logits.shape[axis]
-        nxt = torch.clamp(torch.arange(n, device=logits.device) + 1, max=n - 1)
-        lo = torch.minimum(lo, lo.index_select(axis, nxt))
-        hi = torch.maximum(hi, hi.index_select(axis, nxt))
+        lo = torch.minimum(lo, _next_along(lo, axis))
+        hi = torch.maximum(hi, _next_along(hi, axis))
     return lo, hi
+
+
+def _next_along(t: torch.Tensor, axis: int) -> torch.Tensor:
+    """``t`` shifted by one along ``axis`` (index a -> a + 1, the last index kept): two slices, no gather."""
+    n = t.shape[axis]
+    return torch.cat([t.narrow(axis, 1, n - 1), t.narrow(axis, n - 1, 1)], axis) if n > 1 else t
+
+
+def _running_max_before(t: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+    """(K, ...) -> (K, ...): the maximum of t[0..j-1] at j (``floor`` at j = 0); a loop over the few prompts
+    (``torch.cummax`` computes indices too and was 30x slower on CPU)."""
+    out = torch.empty_like(t)
+    running = floor[0].expand_as(t[0])
+    for j in range(t.shape[0]):
+        out[j] = running
+        running = torch.maximum(running, t[j])
+    return out
 
 
 def live_prompts(logits: torch.Tensor, margin: float = CELL_MARGIN) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,10 +122,9 @@ def live_prompts(logits: torch.Tensor, margin: float = CELL_MARGIN) -> tuple[tor
     as an earlier prompt (ties go to the earlier one) by a margin or by saturating (float32 p == 1.0).
     """
     lo, hi = _corner_bounds(logits)
-    k = logits.shape[0]
     floor = torch.full_like(lo[:1], float("-inf"))
-    earlier = torch.cat([floor, torch.cummax(lo, 0).values[:-1]]) if k > 1 else floor  # max lo over i < j
-    later = (torch.cat([torch.cummax(lo.flip(0), 0).values[:-1].flip(0), floor]) if k > 1 else floor)
+    earlier = _running_max_before(lo, floor)  # max lo over i < j
+    later = _running_max_before(lo.flip(0), floor).flip(0)  # max lo over i > j
     dead = hi <= -margin
     dead |= earlier >= hi + margin
     dead |= earlier >= SATURATION_HIGH
