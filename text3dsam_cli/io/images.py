@@ -118,7 +118,7 @@ def _read_float_nifti_gz_once(path: Path) -> Volume | None:
     check_layout(3, shape, 1, path)
     count = int(np.prod(shape, dtype=np.int64))
     expected = offset + count * dtype.itemsize
-    buffer = bytearray(expected)
+    buffer = np.empty(expected, dtype=np.uint8)  # not zero-filled (a bytearray would be: 0.2 s per 800 MB)
     view = memoryview(buffer)
     filled = 0
     gz = _gzip_module()
@@ -144,7 +144,7 @@ def _read_float_nifti_gz_once(path: Path) -> Volume | None:
     if filled < expected:
         raise InputError(f"truncated NIfTI file ({filled} bytes of data after decompression, "
                          f"its header needs {expected})", path)
-    array = np.frombuffer(buffer, dtype=dtype, count=count, offset=offset).reshape(shape[::-1])
+    array = buffer[offset:].view(dtype).reshape(shape[::-1])
     if not array.dtype.isnative:
         array = array.astype(array.dtype.newbyteorder("="))
     check_finite(array, path, "the image")
