@@ -171,17 +171,25 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_killed_run_is_redone_by_skip_existing(small_checkpoint, two_inputs, tmp_path, sig):
-    out = tmp_path / "out"
-    # Six prompts: six probability maps follow the label map, a window wide enough to land the signal in.
-    prompts = ["liver", "spleen", "aorta", "stomach", "left kidney", "pancreas"]
-    proc = _cli(two_inputs, *prompts, "--probabilities", "-m", small_checkpoint, "-o", out)
-    _wait_for(out / "ct.nii.gz", proc)  # the label map is there, the probability maps and sidecar are not yet
-    proc.send_signal(sig)
-    stdout, stderr = (s.decode() for s in proc.communicate(timeout=120))
+    # Twelve prompts: twelve probability maps follow the label map, a window to land the signal in. On a loaded
+    # machine this process may not be scheduled inside it; then the attempt is repeated (the first input's sidecar
+    # shows the signal came after it was complete).
+    prompts = ["liver", "spleen", "aorta", "stomach", "left kidney", "pancreas", "right kidney", "gallbladder",
+               "esophagus", "duodenum", "bladder", "prostate"]
+    for attempt in range(4):
+        out = tmp_path / f"out{attempt}"
+        proc = _cli(two_inputs, *prompts, "--probabilities", "-m", small_checkpoint, "-o", out)
+        _wait_for(out / "ct.nii.gz", proc)  # the label map is there, the probability maps and sidecar are not yet
+        proc.send_signal(sig)
+        stdout, stderr = (s.decode() for s in proc.communicate(timeout=120))
+        if not (out / "ct.json").exists():
+            break
+    else:
+        pytest.fail("the signal never landed while the first input was being written")
     if sig == signal.SIGTERM:
         assert proc.returncode == 143, stderr
         assert stderr.strip().splitlines()[-1] == "error: terminated (SIGTERM)"
-        assert _temps(out) == [] and not (out / "ct.json").exists()
+        assert _temps(out) == []
     else:
         assert proc.returncode == -signal.SIGKILL
     proc = _cli(two_inputs, *prompts, "--probabilities", "-m", small_checkpoint, "-o", out, "--skip-existing")
@@ -189,7 +197,7 @@ def test_killed_run_is_redone_by_skip_existing(small_checkpoint, two_inputs, tmp
     assert proc.returncode == 0, stderr
     assert not _skipped(stderr)
     assert sorted(stdout.split()) == [str(out / "ct.nii.gz"), str(out / "mr.nii.gz")]
-    _assert_complete(out, ["ct", "mr"], [f"_prob{i}.nii.gz" for i in range(1, 7)])
+    _assert_complete(out, ["ct", "mr"], [f"_prob{i}.nii.gz" for i in range(1, len(prompts) + 1)])
 
 
 def test_interrupt_right_after_a_rename_leaves_nothing_unowned(small_checkpoint, tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -392,11 +392,13 @@ class SegmentRun:
     def _read(self, item: InputItem) -> Volume:
         return read_volume(item.path, series_uid=self.options.series_uid)
 
-    def _prefetched(self, items: Sequence[InputItem], todo: Sequence[bool]) -> Iterator[tuple[InputItem, Future]]:
-        """Yield (item, future volume); with ``read_ahead`` the next inputs are read while this one infers."""
+    def _prefetched(self, items: Sequence[InputItem], todo: Sequence[bool],
+                    early: Mapping[int, Future] | None = None) -> Iterator[tuple[InputItem, Future]]:
+        """Yield (item, future volume); with ``read_ahead`` the next inputs are read while this one infers.
+        ``early``: reads already started by the caller (index -> future), used for inputs still to be done."""
         workers = max(1, self.read_ahead)
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="text3dsam-read") as pool:
-            pending: dict[int, Future] = {}
+            pending: dict[int, Future] = {i: f for i, f in (early or {}).items() if 0 <= i < len(todo) and todo[i]}
             for index, item in enumerate(items):
                 for ahead in range(index, min(len(items), index + 1 + self.read_ahead)):
                     if ahead not in pending and todo[ahead]:
@@ -417,8 +419,9 @@ class SegmentRun:
         o = self.options
         return plan_files(out, FILE_SUFFIXES, values, o.split, o.probabilities, o.preview, companions(o))
 
-    def run(self, items: Sequence[InputItem]) -> RunSummary:
-        """Process every input; failures are recorded, never raised (except usage errors)."""
+    def run(self, items: Sequence[InputItem], early: Mapping[int, Future] | None = None) -> RunSummary:
+        """Process every input; failures are recorded, never raised (except usage errors). ``early``: reads
+        of some inputs already under way (index -> future :class:`Volume`, as :func:`read_volume` gives)."""
         start = time.perf_counter()
         plans = [self._plan(item, out) for item, out in zip(items, plan_outputs(items, self.options))]
         claims = Claims(item.path for item in items)
@@ -429,7 +432,7 @@ class SegmentRun:
         clean_stale_temps(f for plan in plans if plan.error is None for f in (*plan.files, plan.marker))
         todo = [plan.error is None and not (self.options.skip_existing and is_done(plan)) for plan in plans]
         outcomes: list[ItemOutcome] = []
-        for (item, future), plan, do in zip(self._prefetched(items, todo), plans, todo):
+        for (item, future), plan, do in zip(self._prefetched(items, todo, early), plans, todo):
             t0 = time.perf_counter()
             self.on_event("start", {"input": str(item.path), "output": str(plan.labels)})
             if plan.error is not None:

@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import typer
@@ -18,6 +19,19 @@ from text3dsam_cli.io import formats
 
 if TYPE_CHECKING:  # rich.table is imported where a table is drawn (start-up time)
     from rich.table import Table
+
+
+def _read_first(items: list[Any], series_uid: str | None) -> dict[int, Future]:
+    """Start reading the first input on a thread of its own, so that it overlaps importing torch and loading the
+    model (ISA-L and ITK release the GIL while they decompress); {index: future volume} for ``SegmentRun.run``."""
+    if not items or items[0].error is not None:
+        return {}
+    from text3dsam_cli.io import read_volume
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="text3dsam-read-first")
+    future = pool.submit(read_volume, items[0].path, series_uid=series_uid)
+    pool.shutdown(wait=False)
+    return {0: future}
 
 
 def quality_table(labels: list[dict[str, Any]]) -> Table:
@@ -116,13 +130,10 @@ def segment_command(
     and timings, and optional extras. stdout lists each written label map, one per line; logs go to stderr.
     Exit status: 0 all inputs done, 1 some input failed (the others are still written), 2 usage error.
     """
-    from text3dsam_cli.devices import set_threads
-    from text3dsam_cli.inference import Segmenter
+    # torch (1.5 s of import) comes after the first input has started reading: see _read_first below.
     from text3dsam_cli.io import expand_inputs, select_shard
     from text3dsam_cli.io.itk import silence_itk_warnings
-    from text3dsam_cli.model import load_model
     from text3dsam_cli.orientation import check_request
-    from text3dsam_cli.pipeline import SegmentOptions, SegmentRun, check_options, plan_outputs
     from text3dsam_cli.prompts import describe_unknown, match_prompt, read_prompt_file, unknown_prompts
 
     def warn(message: str) -> None:
@@ -162,6 +173,14 @@ def segment_command(
         raise UsageError(f"{len(prompts)} prompts, more than --max-prompts {max_prompts} (each prompt is decoded "
                          "separately; raise the limit to run them all)")
     target_spacing = parse_triple(spacing, "--spacing", float, "1.5,1.5,3 (mm, x,y,z)")
+    items = select_shard(expand_inputs([input], stdin=sys.stdin if input == "-" else None), shard)
+    early = {} if skip_existing else _read_first(items, series)
+
+    from text3dsam_cli.devices import set_threads
+    from text3dsam_cli.inference import Segmenter
+    from text3dsam_cli.model import load_model
+    from text3dsam_cli.pipeline import SegmentOptions, SegmentRun, check_options, plan_outputs
+
     options = SegmentOptions(output=output, fmt=fmt, series_uid=series, modality=modality, window=window,
                              orientation=orientation, split=split, probabilities=probabilities, preview=preview,
                              dicom_seg=dicom_seg, rtstruct=rtstruct, skip_existing=skip_existing,
@@ -169,7 +188,6 @@ def segment_command(
                              min_size_ml=min_size_ml, max_prompts=max_prompts or None)
     check_options(options)
     set_threads(threads)
-    items = select_shard(expand_inputs([input], stdin=sys.stdin if input == "-" else None), shard)
     plan_outputs(items, options)  # usage errors (-o one file for several inputs) before the model loads
     if not quiet:
         err_console.print(f"[dim]{len(items)} input(s); loading model…[/]")
@@ -205,7 +223,7 @@ def segment_command(
                 err_console.print("".join(traceback.format_exception(outcome.exception)), markup=False)
             print_error(outcome.error)
 
-    summary = SegmentRun(segmenter, prompts, options, on_event, label_values=label_values).run(items)
+    summary = SegmentRun(segmenter, prompts, options, on_event, label_values=label_values).run(items, early)
     if as_json:
         typer.echo(json.dumps(summary.to_dict(), indent=2))
     if not quiet:
