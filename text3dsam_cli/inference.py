@@ -297,25 +297,36 @@ BACKGROUND_BITS = -(1 << 24)
 
 
 def _runs(in_size: int, out_size: int, device: torch.device) -> list[tuple[int, int, int, int, torch.Tensor]]:
-    """Output index runs that interpolate between the same two source indices: (start, stop, i0, i1, weights)."""
+    """Output index runs that interpolate between the same two source indices: (start, stop, i0, i1, weights
+    shaped (1, rows, 1))."""
     i0, i1, weight = _source_index(in_size, out_size, device)
     starts = [0, *(torch.nonzero(i0[1:] != i0[:-1]).flatten() + 1).tolist(), out_size]
     first = i0.tolist()
     second = i1.tolist()
-    return [(a, b, first[a], second[a], weight[a:b]) for a, b in itertools.pairwise(starts)]
+    return [(a, b, first[a], second[a], weight[a:b].view(1, -1, 1)) for a, b in itertools.pairwise(starts)]
 
 
-def _resize_rows(planes: torch.Tensor, runs: Sequence[tuple[int, int, int, int, torch.Tensor]],
+def _row_steps(planes: torch.Tensor) -> torch.Tensor:
+    """(C, h, W) -> (C, h, W): row i+1 minus row i, and zeros in the last row (where a run's two source rows
+    are the same, clamped, one)."""
+    steps = torch.empty_like(planes)
+    torch.sub(planes[:, 1:], planes[:, :-1], out=steps[:, :-1])
+    steps[:, -1].zero_()
+    return steps
+
+
+def _resize_rows(planes: torch.Tensor, steps: torch.Tensor, runs: Sequence[tuple[int, int, int, int, torch.Tensor]],
                  out: torch.Tensor) -> torch.Tensor:
     """Linear interpolation of (C, h, W) along h into ``out`` (C, rows of ``runs``, W): row0 + w * (row1 - row0),
-    one ``torch.addcmul`` per run (``torch.lerp`` with a broadcast weight is many times slower on CPU).
+    one ``torch.addcmul`` per run (``torch.lerp`` with a broadcast weight is many times slower on CPU);
+    ``steps`` is :func:`_row_steps` of ``planes`` (row1 - row0, computed once per plane, not once per run).
 
     Each output row is written once, straight from its two source rows (no gathered full-size copies).
     """
     first = runs[0][0]
     for a, b, i0, i1, weight in runs:
-        start = planes[:, i0 : i0 + 1]
-        torch.addcmul(start, planes[:, i1 : i1 + 1] - start, weight.view(1, -1, 1), out=out[:, a - first : b - first])
+        step = steps[:, i0 : i0 + 1] if i1 == i0 + 1 else steps[:, -1:]  # i1 == i0 only at the clamped end
+        torch.addcmul(planes[:, i0 : i0 + 1], step, weight, out=out[:, a - first : b - first])
     return out
 
 
@@ -365,12 +376,14 @@ def upsample_argmax_dense(logits: torch.Tensor, out_shape: Sequence[int], label_
             plane = torch.lerp(logits[:, a], logits[:, b], wz[z])  # (K, h, w): z at low resolution
             planes = F.interpolate(plane[None], size=(h, out_w), mode="bilinear",
                                    align_corners=False)[0]  # (K, h, out_w): x done on the low-resolution rows
+            steps = _row_steps(planes)
             for block in blocks:
                 y0, y1 = block[0][0], block[-1][1]
                 best_bits = best_label = None
                 for g0 in range(0, k, group):
                     g1 = min(k, g0 + group)
-                    p = _resize_rows(planes[g0:g1], block, torch.empty((g1 - g0, y1 - y0, out_w), device=device))
+                    p = _resize_rows(planes[g0:g1], steps[g0:g1], block,
+                                     torch.empty((g1 - g0, y1 - y0, out_w), device=device))
                     p.sigmoid_()
                     if probs is not None:
                         probs[g0:g1, z, y0:y1] = p.to(torch.float16).cpu().numpy()
