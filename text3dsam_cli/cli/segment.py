@@ -6,7 +6,6 @@ import json
 import os
 import sys
 import traceback
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import typer
@@ -18,6 +17,8 @@ from text3dsam_cli.errors import UsageError
 from text3dsam_cli.io import formats
 
 if TYPE_CHECKING:  # rich.table is imported where a table is drawn (start-up time)
+    from concurrent.futures import Future
+
     from rich.table import Table
 
 
@@ -26,6 +27,8 @@ def _read_first(items: list[Any], series_uid: str | None) -> dict[int, Future]:
     model (ISA-L and ITK release the GIL while they decompress); {index: future volume} for ``SegmentRun.run``."""
     if not items or items[0].error is not None:
         return {}
+    from concurrent.futures import ThreadPoolExecutor
+
     from text3dsam_cli.io import read_volume
 
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="text3dsam-read-first")
