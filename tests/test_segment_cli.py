@@ -362,3 +362,36 @@ def test_console_entry_point_flushes_and_keeps_the_exit_status(tmp_path):
     assert usage.returncode == 2 and "no-such-option" in usage.stderr.lower()
     listing = run("prompts", "liver", "--json")
     assert listing.returncode == 0 and listing.stdout.rstrip().endswith(("]", "}"))
+
+
+def test_an_early_read_is_used_for_its_input_and_dropped_for_a_refused_one(small_model, tmp_path):
+    """`segment` starts reading its first input before importing torch; the run takes that future (its volume is
+    what gets segmented) and lets go of it when the input fails its checks, so the volume is not kept."""
+    from concurrent.futures import Future
+
+    from text3dsam_cli.inference import Segmenter
+    from text3dsam_cli.io import expand_inputs, read_volume
+    from text3dsam_cli.pipeline import SegmentOptions, SegmentRun
+
+    volume = read_volume(CT)
+    flipped = volume.with_array(np.ascontiguousarray(volume.array[:, ::-1]))  # not what the file holds
+    segmenter = Segmenter(small_model, device="cpu")
+    items = expand_inputs([str(CT)])
+
+    def run(out: Path, **options) -> tuple[dict, list]:
+        future: Future = Future()
+        future.set_result(flipped)
+        early = {0: future}
+        summary = SegmentRun(segmenter, ["liver"], SegmentOptions(output=str(out), **options)).run(items, early)
+        return early, summary.outcomes
+
+    early, outcomes = run(tmp_path / "a.nii.gz")
+    assert early == {} and outcomes[0].status == "ok"
+    plain = SegmentRun(segmenter, ["liver"], SegmentOptions(output=str(tmp_path / "b.nii.gz"))).run(items)
+    assert plain.outcomes[0].status == "ok"
+    got = read_volume(tmp_path / "a.nii.gz").array
+    want = read_volume(tmp_path / "b.nii.gz").array
+    assert not np.array_equal(got, want)  # the early (flipped) volume was segmented, not a fresh read
+    (tmp_path / "c.json").mkdir()  # the sidecar's name is taken by a folder: the input is refused
+    early, outcomes = run(tmp_path / "c.nii.gz")
+    assert early == {} and outcomes[0].status == "failed"

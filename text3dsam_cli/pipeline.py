@@ -10,7 +10,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -393,12 +393,15 @@ class SegmentRun:
         return read_volume(item.path, series_uid=self.options.series_uid)
 
     def _prefetched(self, items: Sequence[InputItem], todo: Sequence[bool],
-                    early: Mapping[int, Future] | None = None) -> Iterator[tuple[InputItem, Future]]:
+                    early: MutableMapping[int, Future] | None = None) -> Iterator[tuple[InputItem, Future]]:
         """Yield (item, future volume); with ``read_ahead`` the next inputs are read while this one infers.
-        ``early``: reads already started by the caller (index -> future), used for inputs still to be done."""
+        ``early``: reads already started by the caller (index -> future), used for inputs still to be done and
+        taken out of the mapping (so that a volume read for an input that fails its checks is not kept)."""
         workers = max(1, self.read_ahead)
+        started = {i: early.pop(i) for i in list(early or {})}
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="text3dsam-read") as pool:
-            pending: dict[int, Future] = {i: f for i, f in (early or {}).items() if 0 <= i < len(todo) and todo[i]}
+            pending: dict[int, Future] = {i: f for i, f in started.items() if 0 <= i < len(todo) and todo[i]}
+            started.clear()
             for index, item in enumerate(items):
                 for ahead in range(index, min(len(items), index + 1 + self.read_ahead)):
                     if ahead not in pending and todo[ahead]:
@@ -419,9 +422,10 @@ class SegmentRun:
         o = self.options
         return plan_files(out, FILE_SUFFIXES, values, o.split, o.probabilities, o.preview, companions(o))
 
-    def run(self, items: Sequence[InputItem], early: Mapping[int, Future] | None = None) -> RunSummary:
+    def run(self, items: Sequence[InputItem], early: MutableMapping[int, Future] | None = None) -> RunSummary:
         """Process every input; failures are recorded, never raised (except usage errors). ``early``: reads
-        of some inputs already under way (index -> future :class:`Volume`, as :func:`read_volume` gives)."""
+        of some inputs already under way (index -> future :class:`Volume`, as :func:`read_volume` gives);
+        the run takes them out of the mapping."""
         start = time.perf_counter()
         plans = [self._plan(item, out) for item, out in zip(items, plan_outputs(items, self.options))]
         claims = Claims(item.path for item in items)

@@ -468,18 +468,18 @@ def _itk_nifti_header(volume: Volume, dtype: np.dtype, path: Path) -> bytes | No
         return None
     image = volume_to_image(Volume(np.zeros((1, 1, 1), dtype=dtype), volume.spacing, volume.origin, volume.direction),
                             path)
-    with tempfile.TemporaryDirectory(prefix="text3dsam-header-") as folder:
-        name = os.path.join(folder, "header.nii")
-        writer = sitk.ImageFileWriter()
-        writer.SetUseCompression(False)
-        writer.SetFileName(name)
-        try:
+    try:
+        with tempfile.TemporaryDirectory(prefix="text3dsam-header-") as folder:
+            name = os.path.join(folder, "header.nii")
+            writer = sitk.ImageFileWriter()
+            writer.SetUseCompression(False)
+            writer.SetFileName(name)
             with captured_stderr():
                 writer.Execute(image)
             with open(name, "rb") as fp:
                 header = bytearray(fp.read(_NIFTI1_HEADER + 64))
-        except (RuntimeError, OSError):
-            return None
+    except (RuntimeError, OSError):  # e.g. no writable temporary folder: ITK writes the whole file instead
+        return None
     size = _NIFTI1_HEADER + np.dtype(dtype).itemsize
     if (len(header) != size or header[:4] != struct.pack("<i", 348) or header[344:348] != b"n+1\0"
             or struct.unpack_from("<f", header, 108)[0] != _NIFTI1_HEADER):
