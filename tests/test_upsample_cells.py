@@ -136,3 +136,15 @@ def test_dense_path_maps_prompts_to_their_label_values():
     mapped, _ = upsample_argmax_dense(logits, shape, values)
     assert len(np.unique(plain)) > 2
     assert np.array_equal(mapped, np.asarray([0, *values], dtype=np.uint8)[plain])
+
+
+def test_cell_path_with_more_live_prompts_than_one_packed_key_holds():
+    """Cells where more than 127 prompts stay live fall back to max/argmax; labels still equal the dense path."""
+    base = _smooth_logits(1, 4)
+    gen = torch.Generator().manual_seed(5)
+    logits = base + 0.01 * torch.randn(130, *base.shape[1:], generator=gen)  # 130 near-duplicates: all live
+    shape = (11, 17, 13)
+    values = list(range(1, 131))
+    cells, _ = upsample_argmax(logits, shape, values, force_cells=True)
+    dense, _ = upsample_argmax_dense(logits, shape, values)
+    assert np.array_equal(cells, dense) and (cells > 127).any()

@@ -72,8 +72,10 @@ class EncodedImage:
 
 #: Work per voxel and live prompt of the cell path relative to the dense path's per voxel and prompt, and the
 #: cell path's fixed share (filling every voxel from its cell) as a fraction of the dense path's whole cost.
-#: Measured on one CPU thread, 63x512x512 output, 15 prompts, smooth logits with 2-86 % of cells live:
-#: cell path = (0.26 + 20..35 x work share) of the dense path (benchmarks/README.md, upsampling).
+#: ``benchmarks/bench_upsample.py`` (2 threads, 63x512x512 output, 15 prompts): cell/dense time 0.35, 0.41,
+#: 0.48, 0.63, 1.54, 4.07 at work shares 0.0013, 0.004, 0.008, 0.017, 0.035, 0.39 (organ-like blobs to noise);
+#: these constants choose the faster path in all six (the cost per share is higher where many cells each keep
+#: few prompts, so a plain fit would pick the cell path where it is 1.5x slower).
 CELL_PATH_COST = 25.0
 CELL_PATH_FIXED = 0.25
 #: Margin (in logits) by which a decision must hold at a cell's corners to be trusted inside the cell.
@@ -178,11 +180,18 @@ def _labels_in_cells(flat: torch.Tensor, flat_shape: tuple[int, int, int, int], 
                            ly1[None, :, None, :, None])  # (R, U, Mz, My, Mx): y as the dense path computes it
     values.sigmoid_()
     # First maximum over the (ascending) prompts = the running strict maximum of the authors' rule.
-    best, position = values.max(0)
-    chosen = torch.gather(prompts + 1, 0, position.reshape(position.shape[0], -1).T)  # (Mz*My*Mx, U)
-    index = chosen.T.reshape(position.shape)
-    index.masked_fill_(torch.rsub(best, 1.0).clamp_(0, 1) >= best, 0)
-    return index
+    r, u = prompts.shape
+    if r > PACKED_PROMPTS:
+        best, position = values.max(0)
+        background = torch.rsub(best, 1.0).clamp_(0, 1) >= best
+    else:  # the dense path's packed int32 key (see upsample_argmax_dense): one max, no index output
+        key = values.clamp_(min=0.5).view(torch.int32).bitwise_left_shift_(7)
+        rank = torch.arange(PACKED_PROMPTS, PACKED_PROMPTS - r, -1, dtype=torch.int32, device=values.device)
+        top = key.bitwise_or_(rank.view(-1, 1, 1, 1, 1)).amax(0)
+        position = PACKED_PROMPTS - (top & PACKED_PROMPTS)
+        background = (top >> 7) <= BACKGROUND_BITS
+    index = torch.gather((prompts + 1).T, 1, position.reshape(u, -1).long()).reshape(position.shape)
+    return index.masked_fill_(background, 0)
 
 
 def upsample_argmax(logits: torch.Tensor, out_shape: Sequence[int], label_values: Sequence[int],
@@ -232,6 +241,8 @@ def upsample_argmax(logits: torch.Tensor, out_shape: Sequence[int], label_values
     labels = lut[cell_label.cpu().numpy()]
     for axis in range(3):
         labels = np.repeat(labels, axes[axis][1].cpu().numpy(), axis=axis)
+    flat_labels = torch.from_numpy(labels).view(-1)  # the same memory, for one flat index_put per chunk
+    lut_t = torch.from_numpy(lut)
     cells = torch.nonzero(undecided)  # (U, 3)
     if cells.shape[0]:
         live_counts = count[undecided]
@@ -254,8 +265,9 @@ def upsample_argmax(logits: torch.Tensor, out_shape: Sequence[int], label_values
             zz, yy, xx = (axes[a][0][chunk[:, a]][:, None] + torch.minimum(
                 torch.arange(axes[a][2], device=device)[None], axes[a][1][chunk[:, a]][:, None] - 1)
                 for a in range(3))
-            labels[zz.cpu().numpy()[:, :, None, None], yy.cpu().numpy()[:, None, :, None],
-                   xx.cpu().numpy()[:, None, None, :]] = lut[index.cpu().numpy()]
+            # flat output positions (U, Mz, My, Mx); padded boxes repeat a voxel with the same value
+            where = ((zz[:, :, None, None] * out[1] + yy[:, None, :, None]) * out[2] + xx[:, None, None, :])
+            flat_labels[where.reshape(-1).cpu()] = lut_t[index.reshape(-1).cpu()]
             position += step
     return labels, None
 
