@@ -9,7 +9,9 @@ prompt. Which one runs is chosen by a cost model (CELL_PATH_FIXED + CELL_PATH_CO
 the dense path). This script measures both paths on logits from organ-like smooth blobs (few boundary cells)
 to noise (boundaries everywhere, like the deterministic test checkpoints), prints per case the live share, the
 model's estimate and the measured cell/dense time ratio, and a least-squares fit of the two constants. Both
-paths must give the same labels (checked).
+paths must give the same labels up to float32 rounding near exact ties (the cell path interpolates x with its
+own multiply-adds, ATen's bilinear kernel with fused ones): the voxels that differ are counted, and more than
+one in a million stops the script.
 """
 
 from __future__ import annotations
@@ -84,14 +86,16 @@ def main() -> None:
             t_cells, cells = best_time(lambda x=logits: inference.upsample_argmax(x, shape, values, force_cells=True),
                                        args.repeat)
             t_dense, dense = best_time(lambda x=logits: inference.upsample_argmax_dense(x, shape, values), args.repeat)
-        if not np.array_equal(cells, dense):
-            raise SystemExit(f"{name}: the cell path and the dense path disagree")
+        differ = int((cells != dense).sum())
+        if differ > 1e-6 * cells.size:
+            raise SystemExit(f"{name}: the cell path and the dense path disagree on {differ} voxels")
         estimate = inference.CELL_PATH_FIXED + inference.CELL_PATH_COST * share
         rows.append((name, f"{share:.4f}", f"{t_cells:.3f}", f"{t_dense:.3f}", f"{t_cells / t_dense:.3f}",
-                     f"{estimate:.3f}"))
+                     f"{estimate:.3f}", str(differ)))
         shares.append(share)
         ratios.append(t_cells / t_dense)
-    header = ("logits", "live share", "cells (s)", "dense (s)", "cells / dense", "model's estimate")
+    header = ("logits", "live share", "cells (s)", "dense (s)", "cells / dense", "model's estimate",
+              "voxels differing")
     widths = [max(len(str(r[j])) for r in [header, *rows]) for j in range(len(header))]
     for row in [header, *rows]:
         print("  ".join(str(v).ljust(n) for v, n in zip(row, widths)))
