@@ -148,3 +148,14 @@ def test_cell_path_with_more_live_prompts_than_one_packed_key_holds():
     cells, _ = upsample_argmax(logits, shape, values, force_cells=True)
     dense, _ = upsample_argmax_dense(logits, shape, values)
     assert np.array_equal(cells, dense) and (cells > 127).any()
+
+
+@pytest.mark.parametrize("values", [[5, 300, 7], [1, 2, 70000]])
+def test_cell_path_writes_uint16_and_uint32_label_maps(values):
+    """Label values above 255 make uint16/uint32 maps, which torch cannot index_put: written through a signed
+    view of the same bits, equal to the dense path."""
+    logits = _smooth_logits(3, 1)
+    cells, _ = upsample_argmax(logits, (11, 17, 13), values, force_cells=True)
+    dense, _ = upsample_argmax_dense(logits, (11, 17, 13), values)
+    assert cells.dtype == dense.dtype and cells.dtype.itemsize > 1
+    assert np.array_equal(cells, dense) and set(np.unique(cells)) >= {0, values[1]}

@@ -242,8 +242,12 @@ def upsample_argmax(logits: torch.Tensor, out_shape: Sequence[int], label_values
     labels = lut[cell_label.cpu().numpy()]
     for axis in range(3):
         labels = np.repeat(labels, axes[axis][1].cpu().numpy(), axis=axis)
-    flat_labels = torch.from_numpy(labels).view(-1)  # the same memory, for one flat index_put per chunk
-    lut_t = torch.from_numpy(lut)
+    # The same memory as a torch tensor, for one flat index_put per chunk (torch has no index_put for uint16 /
+    # uint32: those are viewed as the signed type of their size, which copies the same bits).
+    as_torch = np.dtype(f"i{labels.dtype.itemsize}") if labels.dtype.kind == "u" and labels.dtype.itemsize > 1 \
+        else labels.dtype
+    flat_labels = torch.from_numpy(labels.view(as_torch)).view(-1)
+    lut_t = torch.from_numpy(lut.view(as_torch))
     cells = torch.nonzero(undecided)  # (U, 3)
     if cells.shape[0]:
         live_counts = count[undecided]
