@@ -9,9 +9,8 @@ prompt. Which one runs is chosen by a cost model (CELL_PATH_FIXED + CELL_PATH_CO
 the dense path). This script measures both paths on logits from organ-like smooth blobs (few boundary cells)
 to noise (boundaries everywhere, like the deterministic test checkpoints), prints per case the live share, the
 model's estimate and the measured cell/dense time ratio, and a least-squares fit of the two constants. Both
-paths must give the same labels up to float32 rounding near exact ties (the cell path interpolates x with its
-own multiply-adds, ATen's bilinear kernel with fused ones): the voxels that differ are counted, and more than
-one in a million stops the script.
+paths round alike, so they must give the same labels: the voxels that differ are counted (0 expected), and
+more than one in a million stops the script.
 """
 
 from __future__ import annotations

@@ -159,3 +159,16 @@ def test_cell_path_writes_uint16_and_uint32_label_maps(values):
     dense, _ = upsample_argmax_dense(logits, (11, 17, 13), values)
     assert cells.dtype == dense.dtype and cells.dtype.itemsize > 1
     assert np.array_equal(cells, dense) and set(np.unique(cells)) >= {0, values[1]}
+
+
+def test_cell_path_rounds_like_the_dense_path_at_near_ties():
+    """Two prompts a few ulps apart everywhere: the winner is decided by float32 rounding, so the cell path must
+    round x as ATen's bilinear kernel does (v0 * w0 fused onto v1 * w1) to give the dense path's labels."""
+    gen = torch.Generator().manual_seed(11)
+    base = _smooth_logits(1, 7, scale=4.0)
+    logits = torch.cat([base, base + 2e-6 * torch.randn(base.shape, generator=gen)])
+    shape = (16, 61, 47)
+    cells, _ = upsample_argmax(logits, shape, [1, 2], force_cells=True)
+    dense, _ = upsample_argmax_dense(logits, shape, [1, 2])
+    assert (cells == 1).any() and (cells == 2).any()
+    assert np.array_equal(cells, dense)

@@ -151,8 +151,8 @@ def _labels_in_cells(flat: torch.Tensor, flat_shape: tuple[int, int, int, int], 
     ``flat`` (K+1, d*h*w) logits with a last row of "no prompt" (-1e4); ``cells`` (U, 3) low-res cell
     coordinates; ``prompts`` (R, U) prompt indices to evaluate per cell in ascending order (K = none).
     Returns (U, Mz, My, Mx) int64; voxel boxes are padded by repeating the cell's last voxel. The arithmetic
-    follows :func:`upsample_argmax_dense`: z by ``torch.lerp`` at low resolution, x by ATen's linear weights,
-    y as row0 + w * (row1 - row0), sigmoid, first maximum.
+    follows :func:`upsample_argmax_dense`: z by ``torch.lerp`` at low resolution, x by ATen's linear weights
+    and rounding, y as row0 + w * (row1 - row0), sigmoid, first maximum.
     """
     _, d, h, w = flat_shape
     sizes = (d, h, w)
@@ -175,8 +175,9 @@ def _labels_in_cells(flat: torch.Tensor, flat_shape: tuple[int, int, int, int], 
     lx1 = axes[2][3][boxes[2]]  # (U, Mx)
     lx0 = 1 - lx1
     lx0b, lx1b = lx0[None, :, None, :], lx1[None, :, None, :]
-    row0 = vz[..., 0, 0, None] * lx0b + vz[..., 0, 1, None] * lx1b  # (R, U, Mz, Mx)
-    row1 = vz[..., 1, 0, None] * lx0b + vz[..., 1, 1, None] * lx1b
+    # x as ATen's bilinear kernel rounds it: v0 * w0 fused onto v1 * w1 (bit-equal to F.interpolate in tests)
+    row0 = torch.addcmul(vz[..., 0, 1, None] * lx1b, vz[..., 0, 0, None], lx0b)  # (R, U, Mz, Mx)
+    row1 = torch.addcmul(vz[..., 1, 1, None] * lx1b, vz[..., 1, 0, None], lx0b)
     values = torch.addcmul(row0[:, :, :, None, :], (row1 - row0)[:, :, :, None, :],
                            ly1[None, :, None, :, None])  # (R, U, Mz, My, Mx): y as the dense path computes it
     values.sigmoid_()
