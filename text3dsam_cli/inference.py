@@ -76,7 +76,7 @@ class EncodedImage:
 #: 0.48, 0.63, 1.54, 4.07 at work shares 0.0013, 0.004, 0.008, 0.017, 0.035, 0.39 (organ-like blobs to noise);
 #: these constants choose the faster path in all six (the cost per share is higher where many cells each keep
 #: few prompts, so a plain fit would pick the cell path where it is 1.5x slower). At 756x512x512 the cell path's
-#: fixed share is smaller (0.19): there they misjudge one case of six (estimate 1.00, measured 0.89).
+#: fixed share is smaller (0.07-0.19): there they misjudge one case of six (estimate 1.00, measured 0.77-0.89).
 CELL_PATH_COST = 25.0
 CELL_PATH_FIXED = 0.25
 #: Margin (in logits) by which a decision must hold at a cell's corners to be trusted inside the cell.
