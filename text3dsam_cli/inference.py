@@ -186,10 +186,8 @@ def _labels_in_cells(flat: torch.Tensor, flat_shape: tuple[int, int, int, int], 
     if r > PACKED_PROMPTS:
         best, position = values.max(0)
         background = torch.rsub(best, 1.0).clamp_(0, 1) >= best
-    else:  # the dense path's packed int32 key (see upsample_argmax_dense): one max, no index output
-        key = values.clamp_(min=0.5).view(torch.int32).bitwise_left_shift_(7)
-        rank = torch.arange(PACKED_PROMPTS, PACKED_PROMPTS - r, -1, dtype=torch.int32, device=values.device)
-        top = key.bitwise_or_(rank.view(-1, 1, 1, 1, 1)).amax(0)
+    else:  # one max of packed keys, as the dense path does; no index output
+        top = _packed_first_max(values, _ranks(r, values.device).view(-1, 1, 1, 1, 1))
         position = PACKED_PROMPTS - (top & PACKED_PROMPTS)
         background = (top >> 7) <= BACKGROUND_BITS
     index = torch.gather((prompts + 1).T, 1, position.reshape(u, -1).long()).reshape(position.shape)
@@ -314,6 +312,24 @@ HALF_BITS = 0x3F000000
 BACKGROUND_BITS = -(1 << 24)
 
 
+def _ranks(n: int, device: torch.device) -> torch.Tensor:
+    """int32 ranks of ``n`` prompts for :func:`_packed_first_max`: 127, 126, ... (an earlier prompt ranks higher)."""
+    return torch.arange(PACKED_PROMPTS, PACKED_PROMPTS - n, -1, dtype=torch.int32, device=device)
+
+
+def _packed_first_max(p: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+    """The first maximum over dim 0 of float32 probabilities ``p`` (at most PACKED_PROMPTS; changed in place) as
+    one int32 key per position, the authors' rule in a single max.
+
+    p clamped at 0.5 (background wins at or below it) has bits HALF_BITS + 0 .. 2**23; shifted left by 7 they wrap
+    to INT32_MIN + 0 .. 2**30, still ordered like p, and the 7 free low bits take ``ranks`` (:func:`_ranks`,
+    shaped to broadcast over dim 0), so ties go to the earlier prompt. Of the result, ``>> 7`` is ordered like the
+    probability (BACKGROUND_BITS: nothing above 0.5) and ``PACKED_PROMPTS - (key & PACKED_PROMPTS)`` is the index.
+    """
+    key = p.clamp_(min=0.5).view(torch.int32).bitwise_left_shift_(7)
+    return key.bitwise_or_(ranks).amax(0)
+
+
 def _runs(in_size: int, out_size: int, device: torch.device) -> list[tuple[int, int, int, int, torch.Tensor]]:
     """Output index runs that interpolate between the same two source indices: (start, stop, i0, i1, weights
     shaped (1, rows, 1))."""
@@ -386,7 +402,7 @@ def upsample_argmax_dense(logits: torch.Tensor, out_shape: Sequence[int], label_
     group = min(k, PACKED_PROMPTS)
     rows_per_block = max(1, (chunk_voxels or dense_block(device)) // max(1, group * out_w))
     blocks = _blocks(_runs(h, out_h, device), rows_per_block)
-    rank = torch.arange(PACKED_PROMPTS, PACKED_PROMPTS - group, -1, dtype=torch.int32, device=device).view(-1, 1, 1)
+    rank = _ranks(group, device).view(-1, 1, 1)
 
     def slices(zs: Sequence[int]) -> None:
         for z in zs:
@@ -405,10 +421,7 @@ def upsample_argmax_dense(logits: torch.Tensor, out_shape: Sequence[int], label_
                     p.sigmoid_()
                     if probs is not None:
                         probs[g0:g1, z, y0:y1] = p.to(torch.float16).cpu().numpy()
-                    # p in [0.5, 1] has bits HALF_BITS + 0 .. 2**23; shifted left by 7 they wrap to INT32_MIN +
-                    # 0 .. 2**30, still ordered like p, with 7 free low bits for the rank (in place, no copy).
-                    key = p.clamp_(min=0.5).view(torch.int32).bitwise_left_shift_(7)
-                    top = key.bitwise_or_(rank[: g1 - g0]).amax(0)
+                    top = _packed_first_max(p, rank[: g1 - g0])
                     bits = top >> 7  # arithmetic shift: ordered like p; BACKGROUND_BITS where p <= 0.5
                     label = torch.where(bits > BACKGROUND_BITS, g0 + PACKED_PROMPTS + 1 - (top & PACKED_PROMPTS), 0)
                     if best_bits is None:
