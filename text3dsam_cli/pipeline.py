@@ -398,10 +398,12 @@ class SegmentRun:
         ``early``: reads already started by the caller (index -> future), used for inputs still to be done and
         taken out of the mapping (so that a volume read for an input that fails its checks is not kept)."""
         workers = max(1, self.read_ahead)
-        started = {i: early.pop(i) for i in list(early or {})}
+        pending: dict[int, Future] = {}
+        for index in list(early or {}):
+            future = early.pop(index)  # type: ignore[union-attr]
+            if 0 <= index < len(todo) and todo[index]:
+                pending[index] = future
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="text3dsam-read") as pool:
-            pending: dict[int, Future] = {i: f for i, f in started.items() if 0 <= i < len(todo) and todo[i]}
-            started.clear()
             for index, item in enumerate(items):
                 for ahead in range(index, min(len(items), index + 1 + self.read_ahead)):
                     if ahead not in pending and todo[ahead]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import importlib
 import os
 import shutil
 import struct
@@ -73,14 +74,13 @@ def read_image_file(path: Path, fmt: str, name: str) -> Volume:
     return volume_from_image(image, path, fmt, None, {})
 
 
-def _gzip_module() -> Any:
-    """The fastest available zlib-compatible module: ISA-L's (``isal``, optional) or Python's ``zlib``."""
+def _isal(module: str) -> Any:
+    """An ISA-L module (``isal_zlib``: zlib's interface, ``igzip``: gzip's), or None when ``isal`` (a required
+    dependency, optional at run time) is not installed; the callers then use Python's zlib/gzip or ITK."""
     try:
-        from isal import isal_zlib
-
-        return isal_zlib
+        return importlib.import_module(f"isal.{module}")
     except ImportError:
-        return zlib
+        return None
 
 
 def _read_float_nifti_gz_once(path: Path) -> Volume | None:
@@ -121,7 +121,7 @@ def _read_float_nifti_gz_once(path: Path) -> Volume | None:
     buffer = np.empty(expected, dtype=np.uint8)  # not zero-filled (a bytearray would be: 0.2 s per 800 MB)
     view = memoryview(buffer)
     filled = 0
-    gz = _gzip_module()
+    gz = _isal("isal_zlib") or zlib
     try:
         with open(path, "rb") as fp:
             inflater = gz.decompressobj(31)
@@ -421,7 +421,7 @@ def write_itk_image(volume: Volume, path: Path, compress: bool = True, keeps_she
 
     name = path.name.lower()
     gz = compress and name.endswith(".nii.gz")
-    igzip = _igzip() if gz else None
+    igzip = _isal("igzip") if gz else None
     header = None
     if name.endswith(".nii") or (gz and igzip is not None):
         array = _sitk_array(np.asarray(volume.array), path)
@@ -497,24 +497,11 @@ def write_voxels(fp: Any, array: np.ndarray) -> None:
         fp.write(memoryview(slab).cast("B"))
 
 
-def _igzip() -> Any:
-    """ISA-L's gzip module, or None when ``isal`` is not installed (then ITK compresses)."""
-    try:
-        from isal import igzip
-    except ImportError:
-        return None
-    return igzip
-
-
 def _gunzip_size(fp: Any) -> int:
     """Decompressed size of a gzip stream (raises on a truncated or corrupt one: the CRC is checked); ISA-L's
     reader when installed (3.5x Python's on a 198 MB label map)."""
-    try:
-        from isal.igzip import IGzipFile as GzipFile
-    except ImportError:
-        GzipFile = gzip.GzipFile
     total = 0
-    with GzipFile(fileobj=fp, mode="rb") as gz:
+    with (_isal("igzip") or gzip).GzipFile(fileobj=fp, mode="rb") as gz:
         while chunk := gz.read(1 << 22):
             total += len(chunk)
     return total
@@ -550,20 +537,13 @@ def _text_header(fp: Any, end_marker: bytes | None) -> tuple[dict[str, str], int
     return fields, fp.tell()
 
 
-def _isal_errors() -> tuple[type[BaseException], ...]:
-    """ISA-L's decompression error type (not a ``zlib.error``), when installed."""
-    try:
-        from isal.isal_zlib import error
-    except ImportError:
-        return ()
-    return (error,)
-
-
 def verify_image_file(path: Path, data_bytes: int) -> str | None:
     """None when ``path`` (a freshly written NIfTI/NRRD/MHA file) holds all ``data_bytes`` of voxel data, else
     what is wrong. Compressed data is decompressed (checking its CRC) without keeping it in memory."""
     name = path.name.lower()
     size = path.stat().st_size
+    isal_zlib = _isal("isal_zlib")  # ISA-L's decompression error is not a zlib.error
+    broken = (OSError, EOFError, zlib.error, gzip.BadGzipFile, *((isal_zlib.error,) if isal_zlib else ()))
     try:
         with open(path, "rb") as fp:
             if name.endswith(".nii.gz"):
@@ -583,6 +563,6 @@ def verify_image_file(path: Path, data_bytes: int) -> str | None:
                 compressed = fields.get("compresseddata", "false").lower() == "true"
                 got = _zlib_size(fp) if compressed else size - start
                 return None if got >= data_bytes else f"{got} bytes of MetaImage data, expected {data_bytes}"
-    except (OSError, EOFError, zlib.error, gzip.BadGzipFile, *_isal_errors()) as exc:
+    except broken as exc:
         return f"the written file is truncated or corrupt ({exc})"
     return None
