@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from text3dsam_cli import inference
+from text3dsam_cli import upsampling
 
 
 def blobs(k: int, grid: tuple[int, int, int], radius: float, noise: float, seed: int) -> torch.Tensor:
@@ -44,12 +44,12 @@ def blobs(k: int, grid: tuple[int, int, int], radius: float, noise: float, seed:
 def live_share(logits: torch.Tensor, shape: tuple[int, int, int]) -> float:
     """The cost model's work share: voxels x live prompts of undecided cells over voxels x prompts."""
     k, d, h, w = logits.shape
-    live, lo = inference.live_prompts(logits)
+    live, lo = upsampling.live_prompts(logits)
     count = live.sum(0)
     first = torch.argmax(live.to(torch.uint8), 0)
-    decided = (count == 1) & (torch.gather(lo, 0, first[None])[0] >= inference.CELL_MARGIN)
+    decided = (count == 1) & (torch.gather(lo, 0, first[None])[0] >= upsampling.CELL_MARGIN)
     undecided = (count > 0) & ~decided
-    sizes = [inference._cells(n, m, torch.device("cpu"))[1] for n, m in zip((d, h, w), shape)]
+    sizes = [upsampling._cells(n, m, torch.device("cpu"))[1] for n, m in zip((d, h, w), shape)]
     voxels = sizes[0][:, None, None] * sizes[1][None, :, None] * sizes[2][None, None, :]
     return float((voxels * count * undecided).sum()) / (float(np.prod(shape)) * k)
 
@@ -82,13 +82,13 @@ def main() -> None:
         logits = blobs(args.prompts, grid, radius, noise, seed=i)
         share = live_share(logits, shape)
         with torch.inference_mode():
-            t_cells, cells = best_time(lambda x=logits: inference.upsample_argmax(x, shape, values, force_cells=True),
+            t_cells, cells = best_time(lambda x=logits: upsampling.upsample_argmax(x, shape, values, force_cells=True),
                                        args.repeat)
-            t_dense, dense = best_time(lambda x=logits: inference.upsample_argmax_dense(x, shape, values), args.repeat)
+            t_dense, dense = best_time(lambda x=logits: upsampling.upsample_argmax_dense(x, shape, values), args.repeat)
         differ = int((cells != dense).sum())
         if differ > 1e-6 * cells.size:
             raise SystemExit(f"{name}: the cell path and the dense path disagree on {differ} voxels")
-        estimate = inference.CELL_PATH_FIXED + inference.CELL_PATH_COST * share
+        estimate = upsampling.CELL_PATH_FIXED + upsampling.CELL_PATH_COST * share
         rows.append((name, f"{share:.4f}", f"{t_cells:.3f}", f"{t_dense:.3f}", f"{t_cells / t_dense:.3f}",
                      f"{estimate:.3f}", str(differ)))
         shares.append(share)
@@ -100,7 +100,7 @@ def main() -> None:
         print("  ".join(str(v).ljust(n) for v, n in zip(row, widths)))
     slope, intercept = np.polyfit(np.asarray(shares), np.asarray(ratios), 1)
     print(f"least-squares fit: cells / dense = {intercept:.3f} + {slope:.1f} x live share "
-          f"(in use: CELL_PATH_FIXED {inference.CELL_PATH_FIXED}, CELL_PATH_COST {inference.CELL_PATH_COST})")
+          f"(in use: CELL_PATH_FIXED {upsampling.CELL_PATH_FIXED}, CELL_PATH_COST {upsampling.CELL_PATH_COST})")
 
 
 if __name__ == "__main__":

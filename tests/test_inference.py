@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from authors_pred import whole_volume_reference
 from conftest import CHALLENGE, REFERENCE
 
-from text3dsam_cli.inference import Segmenter, gaussian_weights, upsample_argmax, window_starts
+from text3dsam_cli.inference import Segmenter, gaussian_weights, window_starts
 from text3dsam_cli.io import read_challenge_npz
 from text3dsam_cli.prompts import prompts_for, prompts_to_segment
+from text3dsam_cli.upsampling import upsample_argmax
 
 
 def _reference_argmax(logits: torch.Tensor, shape, values):

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from text3dsam_cli.inference import (
+from text3dsam_cli.inference import Segmenter
+from text3dsam_cli.upsampling import (
     SATURATION_HIGH,
     SATURATION_LOW,
-    Segmenter,
     live_prompts,
     upsample_argmax,
     upsample_argmax_dense,
