@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Cell path against dense path of the upsampling + argmax, on synthetic low-resolution logits, in one run.
+"""Cell and column paths against the dense path of the upsampling + argmax, on synthetic logits, in one run.
 
     python benchmarks/bench_upsample.py [--shape 63,512,512] [--prompts 15] [--threads 2] [--repeat 3]
 
@@ -11,6 +11,10 @@ to noise (boundaries everywhere, like the deterministic test checkpoints), print
 model's estimate and the measured cell/dense time ratio, and a least-squares fit of the two constants. Both
 paths round alike, so they must give the same labels: the voxels that differ are counted (0 expected), and
 more than one in a million stops the script.
+
+`upsample_argmax_columns` (used where the cell path loses and one axis is upsampled COLUMN_MIN_FACTOR times or
+more) is timed too; it interpolates in another order, so it may differ at exact float32 ties (counted; more
+than one in a million stops the script).
 """
 
 from __future__ import annotations
@@ -85,16 +89,19 @@ def main() -> None:
             t_cells, cells = best_time(lambda x=logits: upsampling.upsample_argmax(x, shape, values, force_cells=True),
                                        args.repeat)
             t_dense, dense = best_time(lambda x=logits: upsampling.upsample_argmax_dense(x, shape, values), args.repeat)
+            t_cols, cols = best_time(lambda x=logits: (upsampling.upsample_argmax_columns(x, shape, values), None),
+                                     args.repeat)
         differ = int((cells != dense).sum())
-        if differ > 1e-6 * cells.size:
-            raise SystemExit(f"{name}: the cell path and the dense path disagree on {differ} voxels")
+        differ_cols = int((cols != dense).sum())
+        if max(differ, differ_cols) > 1e-6 * cells.size:
+            raise SystemExit(f"{name}: a path disagrees with the dense path on {max(differ, differ_cols)} voxels")
         estimate = upsampling.CELL_PATH_FIXED + upsampling.CELL_PATH_COST * share
         rows.append((name, f"{share:.4f}", f"{t_cells:.3f}", f"{t_dense:.3f}", f"{t_cells / t_dense:.3f}",
-                     f"{estimate:.3f}", str(differ)))
+                     f"{estimate:.3f}", str(differ), f"{t_cols:.3f}", f"{t_cols / t_dense:.3f}", str(differ_cols)))
         shares.append(share)
         ratios.append(t_cells / t_dense)
     header = ("logits", "live share", "cells (s)", "dense (s)", "cells / dense", "model's estimate",
-              "voxels differing")
+              "voxels differing", "columns (s)", "columns / dense", "voxels differing (columns)")
     widths = [max(len(str(r[j])) for r in [header, *rows]) for j in range(len(header))]
     for row in [header, *rows]:
         print("  ".join(str(v).ljust(n) for v, n in zip(row, widths)))

@@ -133,3 +133,24 @@ def test_checkpoint_recipe_selects_sliding_mode(small_model, monkeypatch):
     seg = Segmenter(small_model, device="cpu")
     assert seg.mode == "sliding" and seg.spacing == (1.5, 1.5, 1.5)
     assert Segmenter(small_model, device="cpu", mode="whole").mode == "whole"
+
+
+@pytest.mark.parametrize("mode", ["whole", "sliding"])
+def test_handed_over_image_is_let_go_before_upsampling(small_model, monkeypatch, mode):
+    from text3dsam_cli import inference
+
+    image = np.random.default_rng(0).uniform(0, 255, (20, 40, 36)).astype(np.float32)
+    held = [image.copy()]
+    seen = []
+    real = inference.upsample_argmax
+
+    def spy(*args, **kwargs):
+        seen.append(len(held))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "upsample_argmax", spy)
+    segmenter = Segmenter(small_model, device="cpu", mode=mode)
+    handed = segmenter.segment(held, ["liver", "heart"])
+    assert seen == [0] and held == []  # the segmenter kept no reference once the model had run
+    kept = segmenter.segment(image, ["liver", "heart"])  # a plain array is the caller's: nothing to let go
+    assert np.array_equal(handed.labels, kept.labels)

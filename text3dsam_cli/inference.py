@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -249,10 +249,11 @@ class Segmenter:
 
     def segment_encoded(self, encoded: EncodedImage, prompts: Sequence[str],
                         label_values: Sequence[int] | None = None,
-                        keep_probabilities: bool = False) -> SegmentationResult:
+                        keep_probabilities: bool = False,
+                        on_decoded: Callable[[], None] | None = None) -> SegmentationResult:
         """Decode an encoded image with ``prompts`` into a label map of the image's shape (values 1..K unless
         given). Each prompt's low-resolution logits are kept on ``encoded``, so a prompt seen before costs
-        only the upsampling and argmax."""
+        only the upsampling and argmax. ``on_decoded`` is called between decoding and upsampling."""
         prompts, values = self._check_prompts(prompts, label_values)
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -271,6 +272,8 @@ class Segmenter:
                     logits = self._decode(encoded.contexts[0][1], text)  # type: ignore[index]
             encoded.logits.update(zip(todo, logits))
         timings["decode"] = time.perf_counter() - t1
+        if on_decoded is not None:
+            on_decoded()
         t2 = time.perf_counter()
         with torch.inference_mode():
             stacked = torch.stack([encoded.logits[p] for p in prompts])
@@ -279,24 +282,29 @@ class Segmenter:
         timings["total"] = time.perf_counter() - t0
         return SegmentationResult(labels, values, prompts, probs, encoded.mode, encoded.device, timings)
 
-    def segment(self, image: np.ndarray, prompts: Sequence[str], label_values: Sequence[int] | None = None,
-                spacing: Sequence[float] | None = None,
+    def segment(self, image: np.ndarray | list[np.ndarray], prompts: Sequence[str],
+                label_values: Sequence[int] | None = None, spacing: Sequence[float] | None = None,
                 keep_probabilities: bool = False) -> SegmentationResult:
         """Segment a (z, y, x) image already normalised to 0..255; label values default to 1..K.
 
         :meth:`encode` then :meth:`segment_encoded`, except that sliding windows are encoded and decoded one
-        batch at a time (their contexts are not all kept).
+        batch at a time (their contexts are not all kept). An image handed over as a one-element list (the
+        caller keeping no other reference) is let go on the CPU once the model has run, before the upsampling
+        (a whole-body CT's float32 copy is then freed before its label map is made); on a GPU it is kept for
+        the out-of-memory retry on the CPU.
         """
         prompts, values = self._check_prompts(prompts, label_values)
+        held = image if isinstance(image, list) else [image]
+        del image
         try:
-            return self._segment(image, prompts, values, spacing, keep_probabilities)
+            return self._segment(held, prompts, values, spacing, keep_probabilities)
         except torch.cuda.OutOfMemoryError:
             if self.device.type != "cuda":
                 raise
             log.warning("CUDA out of memory; retrying this image on the CPU (the next image goes to the GPU)")
-            return self._segment_on_cpu(image, list(prompts), values, spacing, keep_probabilities)
+            return self._segment_on_cpu(held, list(prompts), values, spacing, keep_probabilities)
 
-    def _segment_on_cpu(self, image: np.ndarray, prompts: list[str], values: list[int],
+    def _segment_on_cpu(self, held: list[np.ndarray], prompts: list[str], values: list[int],
                         spacing: Sequence[float] | None,
                         keep_probabilities: bool) -> SegmentationResult:
         """One image on the CPU in float32, then the model goes back to the GPU for the next image."""
@@ -306,7 +314,7 @@ class Segmenter:
         self.model = self.model.to(self.device)
         self._prompt_cache.clear()
         try:
-            return self._segment(image, prompts, values, spacing, keep_probabilities)
+            return self._segment(held, prompts, values, spacing, keep_probabilities)
         finally:
             self._prompt_cache.clear()
             self.device, self.amp_dtype, self.prompt_batch_size = gpu, amp, batch
@@ -323,13 +331,16 @@ class Segmenter:
             raise ValueError("one label value per prompt is needed")
         return list(prompts), values
 
-    def _segment(self, image: np.ndarray, prompts: list[str], values: list[int],
+    def _segment(self, held: list[np.ndarray], prompts: list[str], values: list[int],
                  spacing: Sequence[float] | None, keep_probabilities: bool) -> SegmentationResult:
         t0 = time.perf_counter()
         self.embed_prompts(prompts)  # the text encoder first, so "encode" below is the image encoder's time
         t_text = time.perf_counter() - t0
-        encoded = self._encode(image, spacing, keep=False)
-        result = self.segment_encoded(encoded, prompts, values, keep_probabilities=keep_probabilities)
+        encoded = self._encode(held[0], spacing, keep=False)
+        # the CPU has no out-of-memory retry: let the image go before the upsampling (see segment)
+        release = held.clear if self.device.type == "cpu" else None
+        result = self.segment_encoded(encoded, prompts, values, keep_probabilities=keep_probabilities,
+                                      on_decoded=release)
         decode = result.timings.pop("decode")
         encode = encoded.seconds
         if encoded.mode == "sliding":  # windows were encoded while being decoded

@@ -488,11 +488,14 @@ class SegmentRun:
                             self.orientation_table, in_place=not o.preview)
         t_pre = time.perf_counter() - t0
         prompts, values = prompts_to_segment(prompts, values, instance)
-        result = self.segmenter.segment(scan.image, prompts, values, spacing=scan.spacing,
-                                        keep_probabilities=self.options.probabilities)
-        scan.image = np.empty(0, dtype=np.float32)  # free the model input before writing
-        if not o.preview:  # nothing after this reads the input's voxels: keep its geometry, free its array
+        # The model input is handed over (no other reference kept), so that it is freed before the upsampling;
+        # nothing after this reads the input's voxels (but the preview): keep its geometry, free its array.
+        image, scan.image = [scan.image], np.empty(0, dtype=np.float32)
+        if not o.preview:
             volume.array = np.broadcast_to(np.zeros((), dtype=volume.array.dtype), volume.array.shape)
+        result = self.segmenter.segment(image, prompts, values, spacing=scan.spacing,
+                                        keep_probabilities=self.options.probabilities)
+        del image
         result.labels = scan.to_input_grid(result.labels)
         if result.probabilities is not None:
             result.probabilities = scan.to_input_grid(result.probabilities)

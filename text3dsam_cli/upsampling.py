@@ -21,6 +21,7 @@ import logging
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -41,6 +42,13 @@ log = logging.getLogger(__name__)
 #: fixed share is smaller (0.07-0.19): there they misjudge one case of six (estimate 1.00, measured 0.77-0.89).
 CELL_PATH_COST = 25.0
 CELL_PATH_FIXED = 0.25
+#: Cell-path estimate above which the column path runs instead, where it applies (:func:`_columns_pay`).
+#: ``benchmarks/bench_upsample.py`` (2 threads, 14-15 prompts), column / dense time at 756x512x512 (columns
+#: along z): 0.19, 0.17, 0.22, 0.16, 0.28, 0.52 (cells: 0.14, 0.19, 0.47, 0.27, 0.83, 3.9); at 63x512x512
+#: (columns along y): 0.59, 0.59, 0.66, 0.62, 0.66, 1.02 (cells: 0.24, 0.37, 0.70, 0.49, 1.62, 4.2), for the
+#: six cases from organ-like blobs to noise. With 0.4 the choice is the fastest path or within 5 % of it in
+#: 10 of the 12, 27 % slower in one (63 slices, organs + noise 1: estimate 0.45) and 2 % in one (noise).
+COLUMNS_FROM_CELL_SHARE = 0.4
 #: Margin (in logits) by which a decision must hold at a cell's corners to be trusted inside the cell.
 CELL_MARGIN = 0.05
 #: Below this logit float32 probabilities are far from saturation: a CELL_MARGIN logit gap is many ulps apart.
@@ -96,6 +104,14 @@ def live_prompts(logits: torch.Tensor, margin: float = CELL_MARGIN) -> tuple[tor
     dead |= (later >= hi + margin) & (hi <= UNSATURATED)
     dead |= (later >= SATURATION_HIGH) & (hi <= SATURATION_LOW)  # p_i == 1.0 > p_j
     return ~dead, lo
+
+
+def _columns_pay(logits: torch.Tensor, out_shape: Sequence[int]) -> bool:
+    """Whether :func:`upsample_argmax_columns` beats the dense path: on the CPU (its many small operations would
+    each be a kernel launch on a GPU), for at most COLUMN_PROMPTS prompts, along an axis upsampled at least
+    COLUMN_MIN_FACTOR times (each low-resolution plane's statistics then serve that many output slices)."""
+    factors = [o / max(1, i) for o, i in zip(out_shape, logits.shape[1:])]
+    return logits.device.type == "cpu" and logits.shape[0] <= COLUMN_PROMPTS and max(factors) >= COLUMN_MIN_FACTOR
 
 
 def _cells(in_size: int, out_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -167,8 +183,10 @@ def upsample_argmax(logits: torch.Tensor, out_shape: Sequence[int], label_values
     survives and wins over background take one label; only the other cells (organ boundaries) are computed at
     full resolution, and there only for their surviving prompts, with the authors' float32 tie rule.
     When that would cost more than the dense path (logits that change winner inside most cells, like those of
-    the deterministic test checkpoints), :func:`upsample_argmax_dense` runs instead (``force_cells`` overrides,
-    for tests). ``keep_probabilities`` needs every voxel and uses the dense path too.
+    the deterministic test checkpoints), :func:`upsample_argmax_dense` runs instead; and where an axis is
+    upsampled enough (:func:`_columns_pay`) :func:`upsample_argmax_columns` runs already from an estimate of
+    COLUMNS_FROM_CELL_SHARE (``force_cells`` overrides both, for tests). ``keep_probabilities`` needs every
+    voxel and uses the dense path.
     """
     dense_chunk = min(chunk_voxels, dense_block(logits.device))
     if keep_probabilities:
@@ -197,6 +215,8 @@ def upsample_argmax(logits: torch.Tensor, out_shape: Sequence[int], label_values
     work = float((voxels * count * undecided).sum().item()) * CELL_PATH_COST
     share = CELL_PATH_FIXED + work / (float(np.prod(out)) * k)
     log.debug("cell path estimated at %.3f of the dense path", share)
+    if not force_cells and share > COLUMNS_FROM_CELL_SHARE and _columns_pay(logits, out):
+        return upsample_argmax_columns(logits, out, label_values, dense_chunk), None
     if not force_cells and share > 1.0:
         return upsample_argmax_dense(logits, out_shape, label_values, False, dense_chunk)
     # Every voxel takes its cell's label; boundary cells are overwritten below.
@@ -405,3 +425,183 @@ def upsample_argmax_dense(logits: torch.Tensor, out_shape: Sequence[int], label_
     else:
         slices(range(out_d))
     return labels, probs
+
+
+#: Upsampling factor (output / input size) of an axis from which the column path pays for its per-plane work.
+COLUMN_MIN_FACTOR = 4.0
+#: Values (columns x prompts) per operation of the column path's voxel-by-voxel work.
+COLUMN_CHUNK = 1 << 18
+#: Prompts the column path ranks in one int32 key, after its background row (rank 127; prompt j: 126 - j).
+COLUMN_PROMPTS = PACKED_PROMPTS - 1
+
+
+@dataclass
+class _ColumnEnd:
+    """Per full-resolution column, at one low-resolution plane: the top prompt (its rank, approximate to 2**-16
+    of the logit: ``gap`` is 0 where it is not the exact maximum), the top logit, the gap to the best other
+    prompt, and the ranks of the first prompts above UNSATURATED, SATURATION_LOW and at or above SATURATION_HIGH
+    (0: none)."""
+
+    rank: torch.Tensor
+    top: torch.Tensor
+    gap: torch.Tensor
+    first_unsaturated: torch.Tensor
+    first_low: torch.Tensor
+    first_high: torch.Tensor
+
+
+def _first_above(values: torch.Tensor, threshold: float, ranks: torch.Tensor) -> torch.Tensor:
+    """(K, n) -> (n,) int32: rank of the first prompt whose value exceeds ``threshold``, 0 where none does
+    (sign bit of threshold - value as an all-ones mask; comparisons to bool are many times slower on CPU)."""
+    above = torch.rsub(values, threshold).view(torch.int32).bitwise_right_shift_(31)
+    return above.bitwise_and_(ranks).amax(0)
+
+
+def _column_end(values: torch.Tensor, ranks: torch.Tensor) -> _ColumnEnd:
+    """:class:`_ColumnEnd` of (K, n) logits; ``ranks`` (K, 1) int32 as :func:`_ranks`."""
+    top = values.amax(0)
+    # Logits clamped at -1 and shifted to >= 0 have ordered bit patterns: the 7 low bits take the rank.
+    key = values.clamp(min=-1.0).add_(1.0).view(torch.int32).bitwise_and_(~PACKED_PROMPTS).bitwise_or_(ranks)
+    rank = key.amax(0).bitwise_and_(PACKED_PROMPTS)
+    others = values.clone().scatter_(0, (PACKED_PROMPTS - rank).long()[None], float("-inf")).amax(0)
+    high = float(np.nextafter(np.float32(SATURATION_HIGH), np.float32(0)))
+    return _ColumnEnd(rank, top, top - others, _first_above(values, UNSATURATED, ranks),
+                      _first_above(values, SATURATION_LOW, ranks), _first_above(values, high, ranks))
+
+
+def _decide_columns(a: _ColumnEnd, b: _ColumnEnd, margin: float = CELL_MARGIN) -> tuple[torch.Tensor, torch.Tensor]:
+    """Columns whose label is the same at every voxel between planes a and b: (rank of the label (0:
+    background), decided). Every logit is linear along the column, so a comparison holding by ``margin`` at both
+    ends holds in between. Decided as background: every logit <= -margin at both ends. As prompt p: p is the top
+    at both ends by ``margin`` over every other prompt and over background, and no earlier prompt (which would
+    win a float32 tie) is above UNSATURATED at either end; or p is the first prompt at or above SATURATION_HIGH
+    (probability exactly 1.0) at both ends and every earlier prompt is at or below SATURATION_LOW (below 1.0)."""
+    top = (a.rank == b.rank) & (torch.minimum(a.top, b.top) >= margin) & (torch.minimum(a.gap, b.gap) >= margin)
+    top &= ((a.top <= UNSATURATED) | (a.first_unsaturated == a.rank))
+    top &= ((b.top <= UNSATURATED) | (b.first_unsaturated == b.rank))
+    saturated = (a.first_high == b.first_high) & (a.first_high > 0)
+    saturated &= (a.first_low == a.first_high) & (b.first_low == b.first_high)
+    background = torch.maximum(a.top, b.top) <= -margin
+    rank = torch.where(top, a.rank, torch.where(saturated, a.first_high, 0))
+    return rank, top | saturated | background
+
+
+def upsample_argmax_columns(logits: torch.Tensor, out_shape: Sequence[int], label_values: Sequence[int],
+                            chunk_voxels: int | None = None, axis: int | None = None) -> np.ndarray:
+    """The dense path's labels, decided per full-resolution column of the most upsampled axis (CPU).
+
+    Along ``axis`` (default: the largest output/input ratio) every output voxel lies between two
+    low-resolution planes, and each prompt's logit is linear between them. Each plane is interpolated once to
+    full resolution in the other two axes; a column whose winner holds by a margin at both ends
+    (:func:`_decide_columns`) takes one label for all its voxels. The other columns are computed voxel by voxel
+    with the authors' float32 rule (sigmoid, ties to the earlier prompt). Logits are taken plane-first here
+    (the dense path interpolates the axis first), so the two paths can differ at exact float32 ties: about 1
+    voxel in 10 million (``benchmarks/bench_upsample.py``: 0-3 voxels of 198 M).
+    """
+    k = logits.shape[0]
+    if k > COLUMN_PROMPTS:
+        raise ValueError(f"the column path ranks at most {COLUMN_PROMPTS} prompts, got {k}")
+    if axis is None:
+        axis = int(np.argmax([o / i for o, i in zip(out_shape, logits.shape[1:])]))
+    order = [axis, *(a for a in range(3) if a != axis)]
+    moved = logits.float().permute(0, *(a + 1 for a in order))
+    labels = _columns_along_first(moved, [int(out_shape[a]) for a in order], label_values,
+                                  chunk_voxels or DENSE_BLOCK)
+    if axis == 0:
+        return labels
+    return np.ascontiguousarray(labels.transpose(np.argsort(order)))
+
+
+def _columns_along_first(logits: torch.Tensor, out_shape: Sequence[int], label_values: Sequence[int],
+                         chunk: int) -> np.ndarray:
+    """:func:`upsample_argmax_columns` along axis 0 of (K, d, h, w) logits."""
+    k, d, h, _ = logits.shape
+    out_d, out_h, out_w = out_shape
+    device = logits.device
+    i0, i1, wz = _source_index(d, out_d, device)
+    intervals: list[tuple[int, int, list[int]]] = []
+    for z, (a, b) in enumerate(zip(i0.tolist(), i1.tolist())):
+        if intervals and intervals[-1][:2] == (a, b):
+            intervals[-1][2].append(z)
+        else:
+            intervals.append((a, b, [z]))
+    weights = wz.tolist()
+    dtype = label_dtype(label_values)
+    labels = np.zeros((out_d, out_h, out_w), dtype=dtype)
+    # torch has no scatter for uint16 / uint32: those are written through the signed type of their size
+    as_torch = np.dtype(f"i{dtype.itemsize}") if dtype.kind == "u" and dtype.itemsize > 1 else dtype
+    flat = torch.from_numpy(labels.view(as_torch)).view(out_d, -1)
+    lut = torch.from_numpy(np.asarray([0, *label_values], dtype=dtype).view(as_torch))
+    identity = [int(v) for v in label_values] == list(range(1, k + 1))  # label = prompt index: no lookup
+    ranks = _ranks(k, device).view(-1, 1)
+    key_ranks = _ranks(k + 1, device).view(-1, 1)  # background, then the prompts
+    blocks = _blocks(_runs(h, out_h, device), max(1, chunk // max(1, k * out_w)))
+    spans = [(block[0][0] * out_w, block[-1][1] * out_w) for block in blocks]
+
+    def plane(a: int) -> list[tuple[torch.Tensor, _ColumnEnd]]:
+        """Plane ``a`` at full resolution in y and x, per block: logits (K, n) and their column statistics."""
+        rows = F.interpolate(logits[:, a][None], size=(h, out_w), mode="bilinear", align_corners=False)[0]
+        steps = _row_steps(rows)
+        out = []
+        for block, (s0, s1) in zip(blocks, spans):
+            values = _resize_rows(rows, steps, block, torch.empty((k, (s1 - s0) // out_w, out_w), device=device))
+            values = values.view(k, -1)
+            out.append((values, _column_end(values, ranks)))
+        return out
+
+    def interval(first: list[tuple[torch.Tensor, _ColumnEnd]], second: list[tuple[torch.Tensor, _ColumnEnd]],
+                 zs: list[int]) -> None:
+        base = torch.empty(out_h * out_w, dtype=torch.int64, device=device)
+        work: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # undecided columns, in chunks
+        per = max(1, COLUMN_CHUNK // (k + 1))
+        for (va, ea), (vb, eb), (s0, s1) in zip(first, second, spans):
+            rank, decided = _decide_columns(ea, eb)
+            base[s0:s1] = torch.where(rank > 0, PACKED_PROMPTS + 1 - rank, 0)
+            undecided = torch.nonzero(~decided).flatten()
+            for c in range(0, undecided.numel(), per):
+                columns = undecided[c : c + per]
+                # a background row first: logit 0 is probability 0.5, ranked above every prompt (ties to it)
+                start = torch.empty((k + 1, columns.numel()), device=device)
+                step = torch.empty_like(start)
+                start[0] = 0
+                step[0] = 0
+                torch.index_select(va, 1, columns, out=start[1:])
+                torch.index_select(vb, 1, columns, out=step[1:])
+                step[1:] -= start[1:]
+                work.append((columns + s0, start, step))
+        base_labels = base.to(lut.dtype) if identity else torch.index_select(lut, 0, base)
+        buffer = torch.empty(max((start.numel() for _, start, _ in work), default=0), device=device)
+        for i, z in enumerate(zs):
+            row = flat[z]
+            if i and (weights[z] == weights[zs[0]] or first is second):
+                row.copy_(flat[zs[0]])  # same weight (or one plane): same labels
+                continue
+            row.copy_(base_labels)
+            for columns, start, step in work:
+                values = torch.add(start, step, alpha=weights[z], out=buffer[:start.numel()].view(start.shape))
+                values.sigmoid_()
+                top = _packed_first_max(values, key_ranks)  # label index = 127 - rank
+                index = torch.rsub(top.bitwise_and_(PACKED_PROMPTS), PACKED_PROMPTS)
+                row.scatter_(0, columns, index.to(lut.dtype) if identity else torch.index_select(lut, 0, index))
+
+    def run(share: Sequence[tuple[int, int, list[int]]]) -> None:
+        planes: dict[int, list[tuple[torch.Tensor, _ColumnEnd]]] = {}
+        # inference mode is per thread: the caller's (if any) does not reach the workers, and the label map's
+        # tensor view, made under it, may only be written under it
+        with torch.inference_mode():
+            for a, b, zs in share:
+                planes = {p: planes[p] for p in (a, b) if p in planes}  # the earlier plane is let go first
+                for p in (a, b):
+                    if p not in planes:
+                        planes[p] = plane(p)
+                interval(planes[a], planes[b], zs)
+
+    threads = torch.get_num_threads()
+    workers = min(DENSE_WORKERS, threads, len(intervals))
+    if workers > 1:
+        shares = np.array_split(np.arange(len(intervals)), workers)
+        with intra_op_threads(max(1, threads // workers)), ThreadPoolExecutor(workers) as pool:
+            list(pool.map(run, [[intervals[i] for i in share] for share in shares]))
+    else:
+        run(intervals)
+    return labels
