@@ -26,6 +26,9 @@ from torch import nn
 from text3dsam_cli.model.image_encoder import DecomposedConv3d
 from text3dsam_cli.model.interpolation import interpolation_matrix
 
+#: Values per slab of the full-resolution decoder stage at inference on the CPU (2 MB of float32; a GPU
+#: takes the whole volume at once).
+FULL_STAGE_SLAB = 1 << 19
 # Line sets read by the stride-4 decomposed convolution: branch c1 (kernel along D) reads every D at H, W
 # multiples of 4; c2 every H at D, W multiples of 4; c3 every W at D, H multiples of 4.
 LINE_AXES = (0, 1, 2)
@@ -304,10 +307,29 @@ class MaskDecoder(nn.Module):
         if torch.is_grad_enabled():
             x = F.interpolate(x, size=up2.size, mode="trilinear", align_corners=False).permute(0, 2, 3, 4, 1)
             return self._masks(x, ctx.skip_s0, weights), hs[:, 0:1]
-        # Inference: one prompt at a time through the full-resolution stage bounds its memory.
-        masks = [self._masks(F.interpolate(x[i : i + 1], size=up2.size, mode="trilinear", align_corners=False)
-                             .permute(0, 2, 3, 4, 1), ctx.skip_s0, weights[i : i + 1]) for i in range(k)]
-        return torch.cat(masks), hs[:, 0:1]
+        # Inference: one prompt at a time, in slabs of output slices small enough to stay in the CPU cache.
+        return torch.cat([self._full_masks(x[i], ctx.skip_s0, weights[i : i + 1]) for i in range(k)]), hs[:, 0:1]
+
+    def _full_masks(self, x: torch.Tensor, skip: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """One prompt's (C, d, h, w) features -> (1, 1, D, H, W) logits at full resolution, slab by slab.
+
+        The trilinear upsampling is separable: x and y by the interpolation matrices once, to (d, H, W, C), then
+        z by one matrix product per slab straight into channels-last (S, H, W, C); LayerNorm, skip, GELU and the
+        weights then run on the slab while it is in the cache (the whole stage, one pass per operation over
+        (D, H, W, C), was memory-bound). Same matrices as the line sets of the intermediate passes.
+        """
+        d_out, h_out, w_out = (getattr(self, f"_interp{a}").shape[0] for a in range(3))
+        mats = [getattr(self, f"_interp{a}").to(x.dtype) for a in range(3)]
+        c = x.shape[0]
+        x = torch.einsum("cdhw,Ww->cdhW", x, mats[2])
+        x = torch.einsum("cdhW,Hh->dHWc", x, mats[1]).contiguous().view(x.shape[1], -1)  # (d, H*W*C)
+        slab = max(1, FULL_STAGE_SLAB // (h_out * w_out * c)) if x.device.type == "cpu" else d_out
+        out = []
+        for z0 in range(0, d_out, slab):
+            z1 = min(d_out, z0 + slab)
+            part = torch.mm(mats[0][z0:z1], x).view(1, z1 - z0, h_out, w_out, c)
+            out.append(self._masks(part, skip[:, z0:z1], weights))
+        return torch.cat(out, 2)
 
 
 class SegDecoder(nn.Module):
