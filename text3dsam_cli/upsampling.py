@@ -439,15 +439,15 @@ COLUMN_PROMPTS = PACKED_PROMPTS - 1
 class _ColumnEnd:
     """Per full-resolution column, at one low-resolution plane: the top prompt (its rank, approximate to 2**-16
     of the logit: ``gap`` is 0 where it is not the exact maximum), the top logit, the gap to the best other
-    prompt, and the ranks of the first prompts above UNSATURATED, SATURATION_LOW and at or above SATURATION_HIGH
-    (0: none)."""
+    prompt, the ranks of the first prompts above UNSATURATED and above SATURATION_LOW (0: none), and whether
+    the latter is at or above SATURATION_HIGH (probability exactly 1.0)."""
 
     rank: torch.Tensor
     top: torch.Tensor
     gap: torch.Tensor
     first_unsaturated: torch.Tensor
     first_low: torch.Tensor
-    first_high: torch.Tensor
+    low_saturates: torch.Tensor
 
 
 def _first_above(values: torch.Tensor, threshold: float, ranks: torch.Tensor) -> torch.Tensor:
@@ -464,9 +464,10 @@ def _column_end(values: torch.Tensor, ranks: torch.Tensor) -> _ColumnEnd:
     key = values.clamp(min=-1.0).add_(1.0).view(torch.int32).bitwise_and_(~PACKED_PROMPTS).bitwise_or_(ranks)
     rank = key.amax(0).bitwise_and_(PACKED_PROMPTS)
     others = values.clone().scatter_(0, (PACKED_PROMPTS - rank).long()[None], float("-inf")).amax(0)
-    high = float(np.nextafter(np.float32(SATURATION_HIGH), np.float32(0)))
-    return _ColumnEnd(rank, top, top - others, _first_above(values, UNSATURATED, ranks),
-                      _first_above(values, SATURATION_LOW, ranks), _first_above(values, high, ranks))
+    first_low = _first_above(values, SATURATION_LOW, ranks)
+    index = (PACKED_PROMPTS - first_low).clamp_(max=values.shape[0] - 1).long()  # none: any row, masked below
+    saturates = (values.gather(0, index[None])[0] >= SATURATION_HIGH) & (first_low > 0)
+    return _ColumnEnd(rank, top, top - others, _first_above(values, UNSATURATED, ranks), first_low, saturates)
 
 
 def _decide_columns(a: _ColumnEnd, b: _ColumnEnd, margin: float = CELL_MARGIN) -> tuple[torch.Tensor, torch.Tensor]:
@@ -479,10 +480,9 @@ def _decide_columns(a: _ColumnEnd, b: _ColumnEnd, margin: float = CELL_MARGIN) -
     top = (a.rank == b.rank) & (torch.minimum(a.top, b.top) >= margin) & (torch.minimum(a.gap, b.gap) >= margin)
     top &= ((a.top <= UNSATURATED) | (a.first_unsaturated == a.rank))
     top &= ((b.top <= UNSATURATED) | (b.first_unsaturated == b.rank))
-    saturated = (a.first_high == b.first_high) & (a.first_high > 0)
-    saturated &= (a.first_low == a.first_high) & (b.first_low == b.first_high)
+    saturated = (a.first_low == b.first_low) & a.low_saturates & b.low_saturates
     background = torch.maximum(a.top, b.top) <= -margin
-    rank = torch.where(top, a.rank, torch.where(saturated, a.first_high, 0))
+    rank = torch.where(top, a.rank, torch.where(saturated, a.first_low, 0))
     return rank, top | saturated | background
 
 
