@@ -13,7 +13,9 @@ per-label pass cost one whole-volume labelling per prompt when masks were scatte
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import cc3d
@@ -22,6 +24,8 @@ import numpy as np
 CONNECTIVITY = 26
 
 
+#: Threads of the run-length pass of :func:`_components` (at most; one per core).
+RUN_WORKERS = 4
 #: Voxels per block of the run-length pass of :func:`_components` (16 M: a 16 MB mask and modest index arrays).
 RUN_BLOCK = 1 << 24
 
@@ -37,19 +41,35 @@ def _components(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray,
     components, count = cc3d.connected_components(labels, connectivity=CONNECTIVITY, return_N=True)
     components = np.ascontiguousarray(components)
     ids_flat, labels_flat = components.reshape(-1), labels.reshape(-1)
-    sizes = np.zeros(count + 1, dtype=np.int64)
     owner = np.zeros(count + 1, dtype=labels.dtype)
-    edge = np.empty(min(RUN_BLOCK, ids_flat.size), dtype=bool)
-    for start in range(0, ids_flat.size, RUN_BLOCK):
-        block = ids_flat[start:start + RUN_BLOCK]
-        first = edge[: block.size]
-        first[0] = True
-        np.not_equal(block[1:], block[:-1], out=first[1:])
-        run_starts = np.flatnonzero(first)
-        run_ids = block[run_starts]
-        lengths = np.diff(run_starts, append=block.size)
-        sizes += np.bincount(run_ids, weights=lengths, minlength=count + 1).astype(np.int64)
-        owner[run_ids] = labels_flat[start:start + RUN_BLOCK][run_starts]
+
+    def runs(starts: Sequence[int]) -> np.ndarray:
+        """Voxel counts per id over the blocks at ``starts``; owners written into ``owner`` (a component has
+        one label, so workers that meet the same id write the same value)."""
+        sizes = np.zeros(count + 1, dtype=np.int64)
+        edge = np.empty(min(RUN_BLOCK, ids_flat.size), dtype=bool)
+        for start in starts:
+            block = ids_flat[start:start + RUN_BLOCK]
+            first = edge[: block.size]
+            first[0] = True
+            np.not_equal(block[1:], block[:-1], out=first[1:])
+            run_starts = np.flatnonzero(first)
+            run_ids = block[run_starts]
+            lengths = np.diff(run_starts, append=block.size)
+            sizes += np.bincount(run_ids, weights=lengths, minlength=count + 1).astype(np.int64)
+            owner[run_ids] = labels_flat[start:start + RUN_BLOCK][run_starts]
+        return sizes
+
+    # numpy releases the GIL in these passes: blocks are shared among threads (0.59-0.64 s -> 0.36-0.42 s on
+    # 2 cores for a 198 M-voxel map)
+    starts = list(range(0, ids_flat.size, RUN_BLOCK))
+    workers = min(RUN_WORKERS, len(starts), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                  else os.cpu_count() or 1)
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            sizes = sum(pool.map(runs, [starts[i::workers] for i in range(workers)]))
+    else:
+        sizes = runs(starts)
     border = np.zeros(count + 1, dtype=bool)
     for axis in range(components.ndim):
         for index in (0, -1):
