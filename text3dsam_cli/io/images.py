@@ -83,6 +83,10 @@ def _isal(module: str) -> Any:
         return None
 
 
+#: Most bytes one decompression call of :func:`_read_float_nifti_gz_once` returns.
+INFLATE_PIECE = 1 << 22
+
+
 def _read_float_nifti_gz_once(path: Path) -> Volume | None:
     """A float ``.nii.gz`` without intensity scaling, decompressed once; None when another path must read it.
 
@@ -130,7 +134,9 @@ def _read_float_nifti_gz_once(path: Path) -> Volume | None:
                 if not chunk:
                     break
                 while chunk and filled < expected:
-                    out = inflater.decompress(chunk, expected - filled)
+                    # output in pieces: each is copied while in the cache and its memory reused (one output of
+                    # all the rest page-faulted a fresh allocation per input chunk: 1.6 s -> 1.05 s for 756 MB)
+                    out = inflater.decompress(chunk, min(expected - filled, INFLATE_PIECE))
                     view[filled : filled + len(out)] = out
                     filled += len(out)
                     chunk = inflater.unconsumed_tail
