@@ -83,6 +83,32 @@ def _isal(module: str) -> Any:
         return None
 
 
+def _nifti1_float_layout(path: Path) -> tuple[tuple[int, int, int], np.dtype, int] | None:
+    """(x, y, z) size, voxel dtype and data offset of a single-file NIfTI-1 whose voxels are 3-D float32/float64
+    without intensity scaling; None for anything else (the general path reads those). The 348-byte header is
+    read with ``struct``: nibabel's import alone took 0.2-0.35 s, and it ran while torch was being imported."""
+    try:
+        with gzip.open(path, "rb") as fp:
+            raw = fp.read(348)
+    except (OSError, EOFError, zlib.error):
+        return None
+    if len(raw) < 348 or raw[344:348] != b"n+1\0":
+        return None
+    for order in "<>":
+        if struct.unpack_from(order + "i", raw, 0)[0] == 348:
+            break
+    else:
+        return None
+    dim = struct.unpack_from(order + "8h", raw, 40)
+    datatype = struct.unpack_from(order + "h", raw, 70)[0]
+    vox_offset, slope, inter = struct.unpack_from(order + "3f", raw, 108)
+    types = {16: "f4", 64: "f8"}
+    trivial_scaling = (np.isnan(slope) or slope in (0.0, 1.0)) and (np.isnan(inter) or inter == 0.0)
+    if dim[0] != 3 or min(dim[1:4]) < 1 or datatype not in types or not trivial_scaling or vox_offset < 348:
+        return None
+    return (dim[1], dim[2], dim[3]), np.dtype(order + types[datatype]), int(vox_offset)
+
+
 #: Most bytes one decompression call of :func:`_read_float_nifti_gz_once` returns.
 INFLATE_PIECE = 1 << 22
 
@@ -96,19 +122,10 @@ def _read_float_nifti_gz_once(path: Path) -> Volume | None:
     geometry in its own (LPS) terms. NIfTI stores voxels with x fastest, which is ITK's and numpy's (z, y, x)
     C order, so the bytes are the array as ``sitk.GetArrayFromImage`` would give it.
     """
-    import nibabel as nib
-
-    try:
-        proxy = nib.load(str(path)).dataobj
-        shape = tuple(int(v) for v in proxy.shape)
-        dtype = np.dtype(proxy.dtype)
-        offset = int(proxy.offset)
-        slope, inter = float(proxy.slope), float(proxy.inter)
-    except Exception:
+    layout = _nifti1_float_layout(path)
+    if layout is None:
         return None
-    trivial_scaling = (np.isnan(slope) or slope in (0.0, 1.0)) and (np.isnan(inter) or inter == 0.0)
-    if dtype.kind != "f" or len(shape) != 3 or not trivial_scaling:
-        return None
+    shape, dtype, offset = layout
     with _itk_readable_name(path, "nifti") as itk_name:
         reader = sitk.ImageFileReader()
         reader.SetFileName(itk_name)
