@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import traceback
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
@@ -32,9 +33,26 @@ def _read_first(items: list[Any], series_uid: str | None) -> dict[int, Future]:
     from text3dsam_cli.io import read_volume
 
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="text3dsam-read-first")
-    future = pool.submit(read_volume, items[0].path, series_uid=series_uid)
+    finish = _start_in_child(Path(items[0].path))
+    future = pool.submit(finish) if finish is not None else pool.submit(read_volume, items[0].path,
+                                                                         series_uid=series_uid)
     pool.shutdown(wait=False)
     return {0: future}
+
+
+def _start_in_child(path: Path) -> Any:
+    """A plain float ``.nii.gz`` is decompressed by a child process (Linux; see
+    :func:`text3dsam_cli.io.images.start_reading_in_child`): a thread here would compete with importing torch
+    for the GIL. None for anything else, or on any doubt: the thread then reads it as usual (and words errors)."""
+    from text3dsam_cli.io.images import start_reading_in_child
+
+    try:
+        if not path.is_file() or not os.access(path, os.R_OK) or path.stat().st_size == 0:
+            return None
+        fmt = formats.detect_format(path)
+        return start_reading_in_child(path) if fmt is not None and fmt.name == "nifti" else None
+    except Exception:
+        return None
 
 
 def quality_table(labels: list[dict[str, Any]]) -> Table:
