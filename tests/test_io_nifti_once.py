@@ -103,7 +103,7 @@ linux_fork = pytest.mark.skipif(not hasattr(os, "fork") or sys.platform != "linu
 def test_child_process_read_equals_read_volume(tmp_path, dtype):
     rng = np.random.default_rng(1)
     path = _write(tmp_path / "c.nii.gz", rng.normal(0, 100, (11, 7, 6)), _affine("oblique"), dtype)
-    finish = images.start_reading_in_child(path)
+    finish = images.start_reading_in_child(path, lambda: read_volume(path))
     assert finish is not None
     volume, plain = finish(), read_volume(path)
     assert volume.array.dtype == plain.array.dtype and volume.array.flags.writeable
@@ -117,13 +117,15 @@ def test_child_process_read_falls_back_and_words_errors(tmp_path):
     path = _write(tmp_path / "t.nii.gz", np.ones((30, 30, 30)), _affine("plain"))
     raw = gzip.decompress(path.read_bytes())
     (tmp_path / "cut.nii.gz").write_bytes(gzip.compress(raw[: len(raw) - 5000]))
-    finish = images.start_reading_in_child(tmp_path / "cut.nii.gz")
+    cut = tmp_path / "cut.nii.gz"
+    finish = images.start_reading_in_child(cut, lambda: read_volume(cut))
     assert finish is not None  # the header is fine: the child finds the data short, this process says so
     with pytest.raises(InputError, match="truncated"):
         finish()
     nan = np.ones((4, 5, 6), np.float32)
     nan[1, 2, 3] = np.nan
-    finish = images.start_reading_in_child(_write(tmp_path / "nan.nii.gz", nan, _affine("plain")))
+    nan_path = _write(tmp_path / "nan.nii.gz", nan, _affine("plain"))
+    finish = images.start_reading_in_child(nan_path, lambda: read_volume(nan_path))
     with pytest.raises(InputError, match=r"NaN|finite"):
         finish()
 
@@ -131,19 +133,21 @@ def test_child_process_read_falls_back_and_words_errors(tmp_path):
 @linux_fork
 def test_child_process_read_only_for_plain_float_nifti_gz(tmp_path):
     ones = np.ones((4, 5, 6))
-    assert images.start_reading_in_child(_write(tmp_path / "i.nii.gz", ones, _affine("plain"), np.int16)) is None
-    assert images.start_reading_in_child(_write(tmp_path / "f.nii", ones, _affine("plain"))) is None
-    scaled = _write(tmp_path / "s.nii.gz", ones, _affine("plain"), scale=(2.0, 1.0))
-    assert images.start_reading_in_child(scaled) is None
+    def start(path):
+        return images.start_reading_in_child(path, lambda: pytest.fail("no child was started"))
+
+    assert start(_write(tmp_path / "i.nii.gz", ones, _affine("plain"), np.int16)) is None
+    assert start(_write(tmp_path / "f.nii", ones, _affine("plain"))) is None
+    assert start(_write(tmp_path / "s.nii.gz", ones, _affine("plain"), scale=(2.0, 1.0))) is None
 
 
 def test_segment_starts_the_first_float_nifti_in_a_child(tmp_path):
     from text3dsam_cli.cli.segment import _start_in_child
 
     path = _write(tmp_path / "x.nii.gz", np.ones((4, 5, 6)), _affine("plain"))
-    finish = _start_in_child(path)
+    finish = _start_in_child(path, lambda: read_volume(path))
     assert (finish is not None) == (sys.platform == "linux")
     if finish is not None:
         np.testing.assert_array_equal(finish().array, read_volume(path).array)
-    assert _start_in_child(tmp_path) is None  # a folder
-    assert _start_in_child(tmp_path / "missing.nii.gz") is None
+    assert _start_in_child(tmp_path, None) is None  # a folder
+    assert _start_in_child(tmp_path / "missing.nii.gz", None) is None

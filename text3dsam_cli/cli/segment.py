@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -33,14 +34,14 @@ def _read_first(items: list[Any], series_uid: str | None) -> dict[int, Future]:
     from text3dsam_cli.io import read_volume
 
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="text3dsam-read-first")
-    finish = _start_in_child(Path(items[0].path))
-    future = pool.submit(finish) if finish is not None else pool.submit(read_volume, items[0].path,
-                                                                         series_uid=series_uid)
+    read = functools.partial(read_volume, items[0].path, series_uid=series_uid)
+    finish = _start_in_child(Path(items[0].path), read)
+    future = pool.submit(finish if finish is not None else read)
     pool.shutdown(wait=False)
     return {0: future}
 
 
-def _start_in_child(path: Path) -> Any:
+def _start_in_child(path: Path, fallback: Any) -> Any:
     """A plain float ``.nii.gz`` is decompressed by a child process (Linux; see
     :func:`text3dsam_cli.io.images.start_reading_in_child`): a thread here would compete with importing torch
     for the GIL. None for anything else, or on any doubt: the thread then reads it as usual (and words errors)."""
@@ -50,7 +51,7 @@ def _start_in_child(path: Path) -> Any:
         if not path.is_file() or not os.access(path, os.R_OK) or path.stat().st_size == 0:
             return None
         fmt = formats.detect_format(path)
-        return start_reading_in_child(path) if fmt is not None and fmt.name == "nifti" else None
+        return start_reading_in_child(path, fallback) if fmt is not None and fmt.name == "nifti" else None
     except Exception:
         return None
 

@@ -208,7 +208,7 @@ def _inflate_into(path: Path, view: memoryview, expected: int) -> int:
     return filled
 
 
-def start_reading_in_child(path: Path) -> Callable[[], Volume] | None:
+def start_reading_in_child(path: Path, fallback: Callable[[], Volume]) -> Callable[[], Volume] | None:
     """Start decompressing a float ``.nii.gz`` (:func:`_read_float_nifti_gz_once`'s kind) in a forked child
     process, into memory shared with it; returns a function that waits for the child and gives the Volume.
     None where that does not apply (not Linux, another kind of file): read it as usual then.
@@ -216,7 +216,7 @@ def start_reading_in_child(path: Path) -> Callable[[], Volume] | None:
     Meant for the first input, started before torch is imported: decompressing on a thread of this process
     competed with that import for the GIL (both done 4.0-4.5 s after the start, against 2.5-2.9 s when run as
     two processes). The child only decompresses (no files, no imports) and exits; if it fails for any reason
-    the file is read here, by the usual path, which also words the error.
+    ``fallback`` reads the file here (the usual path, which also words the error).
     """
     if sys.platform != "linux" or not hasattr(os, "fork") or not path.name.lower().endswith(".gz"):
         return None
@@ -237,9 +237,7 @@ def start_reading_in_child(path: Path) -> Callable[[], Volume] | None:
         _, status = os.waitpid(pid, 0)
         if os.waitstatus_to_exitcode(status) != 0:
             shared.close()
-            from text3dsam_cli.io.readers import read_volume  # (readers imports this module)
-
-            return read_volume(path)
+            return fallback()
         return plan.volume(path, shared)
 
     return finish
