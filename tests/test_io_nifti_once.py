@@ -142,12 +142,16 @@ def test_child_process_read_only_for_plain_float_nifti_gz(tmp_path):
 
 
 def test_segment_starts_the_first_float_nifti_in_a_child(tmp_path):
-    from text3dsam_cli.cli.segment import _start_in_child
+    import functools
+
+    from text3dsam_cli.io.readers import start_reading
 
     path = _write(tmp_path / "x.nii.gz", np.ones((4, 5, 6)), _affine("plain"))
-    finish = _start_in_child(path, lambda: read_volume(path))
-    assert (finish is not None) == (sys.platform == "linux")
-    if finish is not None:
-        np.testing.assert_array_equal(finish().array, read_volume(path).array)
-    assert _start_in_child(tmp_path, None) is None  # a folder
-    assert _start_in_child(tmp_path / "missing.nii.gz", None) is None
+    finish = start_reading(path)
+    child = not isinstance(finish, functools.partial)  # a plain read_volume call otherwise
+    assert child == (sys.platform == "linux")
+    np.testing.assert_array_equal(finish().array, read_volume(path).array)
+    assert isinstance(start_reading(tmp_path), functools.partial)  # a folder
+    assert isinstance(start_reading(tmp_path / "missing.nii.gz"), functools.partial)
+    with pytest.raises(InputError, match="no such file"):
+        start_reading(tmp_path / "missing.nii.gz")()

@@ -110,8 +110,13 @@ def _columns_pay(logits: torch.Tensor, out_shape: Sequence[int]) -> bool:
     """Whether :func:`upsample_argmax_columns` beats the dense path: on the CPU (its many small operations would
     each be a kernel launch on a GPU), for at most COLUMN_PROMPTS prompts, along an axis upsampled at least
     COLUMN_MIN_FACTOR times (each low-resolution plane's statistics then serve that many output slices)."""
-    factors = [o / max(1, i) for o, i in zip(out_shape, logits.shape[1:])]
-    return logits.device.type == "cpu" and logits.shape[0] <= COLUMN_PROMPTS and max(factors) >= COLUMN_MIN_FACTOR
+    return (logits.device.type == "cpu" and logits.shape[0] <= COLUMN_PROMPTS
+            and max(_factors(logits, out_shape)) >= COLUMN_MIN_FACTOR)
+
+
+def _factors(logits: torch.Tensor, out_shape: Sequence[int]) -> list[float]:
+    """Output / input size along each axis of (K, d, h, w) logits."""
+    return [o / max(1, i) for o, i in zip(out_shape, logits.shape[1:])]
 
 
 def _cells(in_size: int, out_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -504,7 +509,7 @@ def upsample_argmax_columns(logits: torch.Tensor, out_shape: Sequence[int], labe
     if k > COLUMN_PROMPTS:
         raise ValueError(f"the column path ranks at most {COLUMN_PROMPTS} prompts, got {k}")
     if axis is None:
-        axis = int(np.argmax([o / i for o, i in zip(out_shape, logits.shape[1:])]))
+        axis = int(np.argmax(_factors(logits, out_shape)))
     order = [axis, *(a for a in range(3) if a != axis)]
     moved = logits.float().permute(0, *(a + 1 for a in order))
     labels = _columns_along_first(moved, [int(out_shape[a]) for a in order], label_values,
@@ -520,13 +525,9 @@ def _columns_along_first(logits: torch.Tensor, out_shape: Sequence[int], label_v
     k, d, h, _ = logits.shape
     out_d, out_h, out_w = out_shape
     device = logits.device
-    i0, i1, wz = _source_index(d, out_d, device)
-    intervals: list[tuple[int, int, list[int]]] = []
-    for z, (a, b) in enumerate(zip(i0.tolist(), i1.tolist())):
-        if intervals and intervals[-1][:2] == (a, b):
-            intervals[-1][2].append(z)
-        else:
-            intervals.append((a, b, [z]))
+    _, _, wz = _source_index(d, out_d, device)
+    # (first plane, second plane, output slices between them): the dense path's runs along this axis
+    intervals = [(i0, i1, list(range(z0, z1))) for z0, z1, i0, i1, _ in _runs(d, out_d, device)]
     weights = wz.tolist()
     dtype = label_dtype(label_values)
     labels = np.zeros((out_d, out_h, out_w), dtype=dtype)

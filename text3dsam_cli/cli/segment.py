@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
 import traceback
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
@@ -25,35 +23,19 @@ if TYPE_CHECKING:  # rich.table is imported where a table is drawn (start-up tim
 
 
 def _read_first(items: list[Any], series_uid: str | None) -> dict[int, Future]:
-    """Start reading the first input on a thread of its own, so that it overlaps importing torch and loading the
-    model (ISA-L and ITK release the GIL while they decompress); {index: future volume} for ``SegmentRun.run``."""
+    """Start reading the first input on a thread of its own (a plain float ``.nii.gz`` in a child process, see
+    :func:`~text3dsam_cli.io.readers.start_reading`), so that it overlaps importing torch and loading the model;
+    {index: future volume} for ``SegmentRun.run``."""
     if not items or items[0].error is not None:
         return {}
     from concurrent.futures import ThreadPoolExecutor
 
-    from text3dsam_cli.io import read_volume
+    from text3dsam_cli.io.readers import start_reading
 
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="text3dsam-read-first")
-    read = functools.partial(read_volume, items[0].path, series_uid=series_uid)
-    finish = _start_in_child(Path(items[0].path), read)
-    future = pool.submit(finish if finish is not None else read)
+    future = pool.submit(start_reading(items[0].path, series_uid))
     pool.shutdown(wait=False)
     return {0: future}
-
-
-def _start_in_child(path: Path, fallback: Any) -> Any:
-    """A plain float ``.nii.gz`` is decompressed by a child process (Linux; see
-    :func:`text3dsam_cli.io.images.start_reading_in_child`): a thread here would compete with importing torch
-    for the GIL. None for anything else, or on any doubt: the thread then reads it as usual (and words errors)."""
-    from text3dsam_cli.io.images import start_reading_in_child
-
-    try:
-        if not path.is_file() or not os.access(path, os.R_OK) or path.stat().st_size == 0:
-            return None
-        fmt = formats.detect_format(path)
-        return start_reading_in_child(path, fallback) if fmt is not None and fmt.name == "nifti" else None
-    except Exception:
-        return None
 
 
 def quality_table(labels: list[dict[str, Any]]) -> Table:
