@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import os
-import sys
 
 import nibabel as nib
 import numpy as np
@@ -93,65 +91,3 @@ def test_scaled_float_uses_itk_path(tmp_path):
     assert images._read_float_nifti_gz_once(path) is None
     np.testing.assert_array_equal(read_volume(path).array, _itk(path)[0])
 
-
-linux_fork = pytest.mark.skipif(not hasattr(os, "fork") or sys.platform != "linux",
-                                reason="the child-process read is Linux only")
-
-
-@linux_fork
-@pytest.mark.parametrize("dtype", [np.float32, np.dtype(">f4"), np.float64])
-def test_child_process_read_equals_read_volume(tmp_path, dtype):
-    rng = np.random.default_rng(1)
-    path = _write(tmp_path / "c.nii.gz", rng.normal(0, 100, (11, 7, 6)), _affine("oblique"), dtype)
-    finish = images.start_reading_in_child(path, lambda: read_volume(path))
-    assert finish is not None
-    volume, plain = finish(), read_volume(path)
-    assert volume.array.dtype == plain.array.dtype and volume.array.flags.writeable
-    np.testing.assert_array_equal(volume.array, plain.array)
-    assert (volume.spacing, volume.origin, volume.direction) == (plain.spacing, plain.origin, plain.direction)
-    volume.array[0, 0, 0] = 1.0  # normalised in place by the pipeline: the shared memory is writable
-
-
-@linux_fork
-def test_child_process_read_falls_back_and_words_errors(tmp_path):
-    path = _write(tmp_path / "t.nii.gz", np.ones((30, 30, 30)), _affine("plain"))
-    raw = gzip.decompress(path.read_bytes())
-    (tmp_path / "cut.nii.gz").write_bytes(gzip.compress(raw[: len(raw) - 5000]))
-    cut = tmp_path / "cut.nii.gz"
-    finish = images.start_reading_in_child(cut, lambda: read_volume(cut))
-    assert finish is not None  # the header is fine: the child finds the data short, this process says so
-    with pytest.raises(InputError, match="truncated"):
-        finish()
-    nan = np.ones((4, 5, 6), np.float32)
-    nan[1, 2, 3] = np.nan
-    nan_path = _write(tmp_path / "nan.nii.gz", nan, _affine("plain"))
-    finish = images.start_reading_in_child(nan_path, lambda: read_volume(nan_path))
-    with pytest.raises(InputError, match=r"NaN|finite"):
-        finish()
-
-
-@linux_fork
-def test_child_process_read_only_for_plain_float_nifti_gz(tmp_path):
-    ones = np.ones((4, 5, 6))
-    def start(path):
-        return images.start_reading_in_child(path, lambda: pytest.fail("no child was started"))
-
-    assert start(_write(tmp_path / "i.nii.gz", ones, _affine("plain"), np.int16)) is None
-    assert start(_write(tmp_path / "f.nii", ones, _affine("plain"))) is None
-    assert start(_write(tmp_path / "s.nii.gz", ones, _affine("plain"), scale=(2.0, 1.0))) is None
-
-
-def test_segment_starts_the_first_float_nifti_in_a_child(tmp_path):
-    import functools
-
-    from text3dsam_cli.io.readers import start_reading
-
-    path = _write(tmp_path / "x.nii.gz", np.ones((4, 5, 6)), _affine("plain"))
-    finish = start_reading(path)
-    child = not isinstance(finish, functools.partial)  # a plain read_volume call otherwise
-    assert child == (sys.platform == "linux")
-    np.testing.assert_array_equal(finish().array, read_volume(path).array)
-    assert isinstance(start_reading(tmp_path), functools.partial)  # a folder
-    assert isinstance(start_reading(tmp_path / "missing.nii.gz"), functools.partial)
-    with pytest.raises(InputError, match="no such file"):
-        start_reading(tmp_path / "missing.nii.gz")()

@@ -23,17 +23,16 @@ if TYPE_CHECKING:  # rich.table is imported where a table is drawn (start-up tim
 
 
 def _read_first(items: list[Any], series_uid: str | None) -> dict[int, Future]:
-    """Start reading the first input on a thread of its own (a plain float ``.nii.gz`` in a child process, see
-    :func:`~text3dsam_cli.io.readers.start_reading`), so that it overlaps importing torch and loading the model;
-    {index: future volume} for ``SegmentRun.run``."""
+    """Start reading the first input on a thread of its own, so that it overlaps importing torch and loading the
+    model (ISA-L and ITK release the GIL while they decompress); {index: future volume} for ``SegmentRun.run``."""
     if not items or items[0].error is not None:
         return {}
     from concurrent.futures import ThreadPoolExecutor
 
-    from text3dsam_cli.io.readers import start_reading
+    from text3dsam_cli.io import read_volume
 
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="text3dsam-read-first")
-    future = pool.submit(start_reading(items[0].path, series_uid))
+    future = pool.submit(read_volume, items[0].path, series_uid=series_uid)
     pool.shutdown(wait=False)
     return {0: future}
 

@@ -12,15 +12,13 @@ from __future__ import annotations
 import contextlib
 import gzip
 import importlib
-import mmap
 import os
 import shutil
 import struct
 import sys
 import tempfile
 import zlib
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -124,42 +122,6 @@ def _read_float_nifti_gz_once(path: Path) -> Volume | None:
     geometry in its own (LPS) terms. NIfTI stores voxels with x fastest, which is ITK's and numpy's (z, y, x)
     C order, so the bytes are the array as ``sitk.GetArrayFromImage`` would give it.
     """
-    plan = _float_nifti_plan(path)
-    if plan is None:
-        return None
-    buffer = np.empty(plan.size, dtype=np.uint8)  # not zero-filled (a bytearray would be: 0.2 s per 800 MB)
-    filled = _inflate_into(path, memoryview(buffer), plan.size)
-    if filled < plan.size:
-        raise InputError(f"truncated NIfTI file ({filled} bytes of data after decompression, "
-                         f"its header needs {plan.size})", path)
-    return plan.volume(path, buffer)
-
-
-@dataclass
-class _FloatNiftiPlan:
-    """Where a float ``.nii.gz``'s voxels go: (x, y, z) size, dtype, data offset, decompressed size, geometry."""
-
-    shape: tuple[int, int, int]
-    dtype: np.dtype
-    offset: int
-    size: int
-    geometry: tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]  # spacing, origin, direction
-
-    def volume(self, path: Path, buffer: Any) -> Volume:
-        """The Volume over the decompressed bytes (no copy for native byte order), NaN/inf refused."""
-        array = np.frombuffer(buffer, dtype=np.uint8)[self.offset:].view(self.dtype).reshape(self.shape[::-1])
-        if not array.dtype.isnative:
-            array = array.astype(array.dtype.newbyteorder("="))
-        check_finite(array, path, "the image")
-        spacing, origin, direction = self.geometry
-        return Volume(array=array, spacing=tuple(float(v) for v in spacing),  # type: ignore[arg-type]
-                      origin=tuple(float(v) for v in origin),  # type: ignore[arg-type]
-                      direction=tuple(float(v) for v in direction), path=path, source_format="nifti",
-                      modality=None, meta={})
-
-
-def _float_nifti_plan(path: Path) -> _FloatNiftiPlan | None:
-    """:class:`_FloatNiftiPlan` of a file :func:`_read_float_nifti_gz_once` can read, else None."""
     layout = _nifti1_float_layout(path)
     if layout is None:
         return None
@@ -173,15 +135,12 @@ def _float_nifti_plan(path: Path) -> _FloatNiftiPlan | None:
             return None  # let the general path report it
         if tuple(reader.GetSize()) != shape or reader.GetNumberOfComponents() != 1:
             return None
-        geometry = (reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection())
+        spacing, origin, direction = reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection()
     check_layout(3, shape, 1, path)
     count = int(np.prod(shape, dtype=np.int64))
-    return _FloatNiftiPlan(shape, dtype, offset, offset + count * dtype.itemsize, geometry)
-
-
-def _inflate_into(path: Path, view: memoryview, expected: int) -> int:
-    """Decompress the gzip file ``path`` into ``view`` up to ``expected`` bytes; the bytes written (fewer:
-    truncated). A corrupt stream raises InputError."""
+    expected = offset + count * dtype.itemsize
+    buffer = np.empty(expected, dtype=np.uint8)  # not zero-filled (a bytearray would be: 0.2 s per 800 MB)
+    view = memoryview(buffer)
     filled = 0
     gz = _isal("isal_zlib") or zlib
     try:
@@ -205,42 +164,23 @@ def _inflate_into(path: Path, view: memoryview, expected: int) -> int:
         raise InputError(f"truncated or corrupt NIfTI file ({exc})", path) from None
     except Exception as exc:  # isal's error type
         raise InputError(f"truncated or corrupt NIfTI file ({exc})", path) from None
-    return filled
-
-
-def start_reading_in_child(path: Path, fallback: Callable[[], Volume]) -> Callable[[], Volume] | None:
-    """Start decompressing a float ``.nii.gz`` (:func:`_read_float_nifti_gz_once`'s kind) in a forked child
-    process, into memory shared with it; returns a function that waits for the child and gives the Volume.
-    None where that does not apply (not Linux, another kind of file): read it as usual then.
-
-    Meant for the first input, started before torch is imported: decompressing on a thread of this process
-    competed with that import for the GIL (both done 4.0-4.5 s after the start, against 2.5-2.9 s when run as
-    two processes). The child only decompresses (no files, no imports) and exits; if it fails for any reason
-    ``fallback`` reads the file here (the usual path, which also words the error).
-    """
-    if sys.platform != "linux" or not hasattr(os, "fork") or not path.name.lower().endswith(".gz"):
-        return None
-    plan = _float_nifti_plan(path)
-    if plan is None:
-        return None
-    _isal("isal_zlib")  # imported before the fork: the child imports nothing
-    shared = mmap.mmap(-1, plan.size)  # anonymous and shared: written by the child, read here
-    pid = os.fork()
-    if pid == 0:  # the child: decompress, then leave at once (no Python teardown, no buffered output)
-        code = 1
-        try:
-            code = 0 if _inflate_into(path, memoryview(shared), plan.size) == plan.size else 1
-        finally:
-            os._exit(code)
-
-    def finish() -> Volume:
-        _, status = os.waitpid(pid, 0)
-        if os.waitstatus_to_exitcode(status) != 0:
-            shared.close()
-            return fallback()
-        return plan.volume(path, shared)
-
-    return finish
+    if filled < expected:
+        raise InputError(f"truncated NIfTI file ({filled} bytes of data after decompression, "
+                         f"its header needs {expected})", path)
+    array = buffer[offset:].view(dtype).reshape(shape[::-1])
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    check_finite(array, path, "the image")
+    return Volume(
+        array=array,
+        spacing=tuple(float(v) for v in spacing),  # type: ignore[arg-type]
+        origin=tuple(float(v) for v in origin),  # type: ignore[arg-type]
+        direction=tuple(float(v) for v in direction),
+        path=path,
+        source_format="nifti",
+        modality=None,
+        meta={},
+    )
 
 
 def _check_nifti_finite(path: Path) -> None:

@@ -8,14 +8,11 @@ registry class reads it: single-file images through SimpleITK (:mod:`text3dsam_c
 
 from __future__ import annotations
 
-import functools
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 from text3dsam_cli.errors import InputError
 from text3dsam_cli.io import formats
-from text3dsam_cli.io.images import start_reading_in_child
 from text3dsam_cli.io.volume import Volume
 
 #: File name ending -> format name, for every ending ``read_volume`` recognises (derived from the registry).
@@ -56,20 +53,6 @@ def read_volume(path: str | os.PathLike[str], series_uid: str | None = None) -> 
     if fmt is None:
         raise InputError(f"unsupported file type (expected {formats.describe_inputs()})", path)
     return fmt.read(path, series_uid)
-
-
-def start_reading(path: str | os.PathLike[str], series_uid: str | None = None) -> Callable[[], Volume]:
-    """:func:`read_volume` of ``path``, to be called later, and already under way where that pays: a plain float
-    ``.nii.gz`` is decompressed by a child process from now on (Linux;
-    :func:`~text3dsam_cli.io.images.start_reading_in_child`), so that a caller importing torch meanwhile does
-    not compete with it for the GIL. Anything else, or any doubt, is read by :func:`read_volume` when called
-    (which also words the errors)."""
-    read = functools.partial(read_volume, path, series_uid=series_uid)
-    try:
-        finish = start_reading_in_child(Path(path), read)
-    except (InputError, OSError):
-        finish = None
-    return finish if finish is not None else read
 
 
 def _read_folder(folder: Path, series_uid: str | None) -> Volume:
