@@ -170,7 +170,7 @@ except SystemExit as exc:
     code = exc.code or 0
 else:
     code = 0
-loaded = sorted(m for m in ("transformers", "tokenizers") if m in sys.modules)
+loaded = sorted(m for m in ("transformers", "tokenizers", "SimpleITK") if m in sys.modules)
 print("LOADED=" + ",".join(loaded), file=sys.stderr)
 sys.exit(code)
 """
@@ -187,6 +187,7 @@ def test_warm_run_never_imports_the_text_stack(small_checkpoint, tmp_path):
         assert result.returncode == 0, result.stderr
         return [line for line in result.stderr.splitlines() if line.startswith("LOADED=")][-1]
 
+    # npz in, npz out: SimpleITK is never needed either
     assert run(tmp_path / "cold.npz") == "LOADED=tokenizers"  # cold: the tokenizer, never transformers
     assert run(tmp_path / "warm.npz") == "LOADED="  # warm: no text stack at all
     cold = np.load(tmp_path / "cold.npz")["segs"]

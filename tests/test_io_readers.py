@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gzip
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -206,3 +208,13 @@ def test_missing_metaimage_data_file(tmp_path: Path) -> None:
     for raw in tmp_path.glob("pair.*raw"):
         raw.unlink()
     _expect_error(path, "data file")
+
+
+def test_itk_warnings_stay_off_when_simpleitk_is_imported_later() -> None:
+    # the CLI turns ITK's warning printer off before SimpleITK is imported (an npz run never imports it)
+    code = ("import sys; from text3dsam_cli.io.itk import silence_itk_warnings, simpleitk; "
+            "silence_itk_warnings(); assert 'SimpleITK' not in sys.modules; "
+            "import text3dsam_cli.io.dicom; "
+            "print(simpleitk().ProcessObject.GetGlobalWarningDisplay())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

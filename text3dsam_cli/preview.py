@@ -40,9 +40,10 @@ def _panel(image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int], as
 def _as_lps(volume: Volume, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
     """Image and labels reoriented to LPS (rows anterior->posterior, columns right->left), so every preview
     shows the radiological convention whatever the file's voxel order; plus the (x, y, z) spacing."""
-    import SimpleITK as sitk
-
     from text3dsam_cli.io import volume_to_image
+    from text3dsam_cli.io.itk import simpleitk
+
+    sitk = simpleitk()
 
     try:
         image = sitk.DICOMOrient(volume_to_image(volume), "LPS")

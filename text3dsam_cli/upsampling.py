@@ -204,7 +204,9 @@ def upsample_argmax(logits: torch.Tensor, out_shape: Sequence[int], label_values
     lut = np.asarray([0, *label_values], dtype=dtype)
     live, lo = live_prompts(logits)
     count = live.sum(0)
-    first = torch.argmax(live.to(torch.uint8), 0)  # the first live prompt (0 when none)
+    first = torch.zeros(live.shape[1:], dtype=torch.int64, device=live.device)  # the first live prompt (0: none)
+    for i in range(k - 1, -1, -1):  # a few elementwise passes (an argmax along prompts took 25 ms on the CT case)
+        first = torch.where(live[i], i, first)
     first_lo = torch.gather(lo, 0, first[None])[0]
     decided_fg = (count == 1) & (first_lo >= CELL_MARGIN)
     cell_label = torch.where(decided_fg, first + 1, torch.zeros_like(first))

@@ -18,13 +18,14 @@ from typing import Any
 
 import numpy as np
 import pydicom
-import SimpleITK as sitk
 
 from text3dsam_cli.errors import InputError
 from text3dsam_cli.io.atomic import encodable
-from text3dsam_cli.io.itk import first_error_line, itk_path, volume_from_image
+from text3dsam_cli.io.itk import first_error_line, itk_path, simpleitk, volume_from_image
 from text3dsam_cli.io.limits import check_voxel_count
 from text3dsam_cli.io.volume import Volume
+
+sitk = simpleitk()  # a DICOM reader needs it at once (this module is imported only for folders)
 
 #: Modalities of DICOM objects that hold no image volume to segment.
 NON_IMAGE_MODALITIES = frozenset({"SEG", "RTSTRUCT", "RTPLAN", "RTRECORD", "SR", "PR", "KO", "REG", "DOC",

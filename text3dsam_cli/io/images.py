@@ -20,17 +20,19 @@ import tempfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import SimpleITK as sitk
 
 from text3dsam_cli.errors import InputError, OutputError
 from text3dsam_cli.io.atomic import atomic_path, disk_full, encodable
-from text3dsam_cli.io.itk import captured_stderr, check_layout, first_error_line, itk_path, volume_from_image
+from text3dsam_cli.io.itk import captured_stderr, check_layout, first_error_line, itk_path, simpleitk, volume_from_image
 from text3dsam_cli.io.limits import check_voxel_count
 from text3dsam_cli.io.npz import check_finite
 from text3dsam_cli.io.volume import Volume
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
 
 #: The refusal of a sheared direction matrix for NIfTI.
 SHEARED_NIFTI = ("the image's direction matrix is not orthogonal (sheared geometry), which NIfTI cannot store "
@@ -40,6 +42,7 @@ SHEARED_NIFTI = ("the image's direction matrix is not orthogonal (sheared geomet
 def read_image_file(path: Path, fmt: str, name: str) -> Volume:
     """A single-file image of format ``fmt`` ("nifti", "nrrd", "metaimage"; ``name`` for messages) through
     SimpleITK, with the completeness checks ITK lacks."""
+    sitk = simpleitk()
     if fmt == "nifti" and path.name.lower().endswith(".gz"):
         volume = _read_float_nifti_gz_once(path)
         if volume is not None:
@@ -122,6 +125,7 @@ def _read_float_nifti_gz_once(path: Path) -> Volume | None:
     geometry in its own (LPS) terms. NIfTI stores voxels with x fastest, which is ITK's and numpy's (z, y, x)
     C order, so the bytes are the array as ``sitk.GetArrayFromImage`` would give it.
     """
+    sitk = simpleitk()
     layout = _nifti1_float_layout(path)
     if layout is None:
         return None
@@ -405,6 +409,7 @@ def _sitk_array(array: np.ndarray, path: Path) -> np.ndarray:
 
 def volume_to_image(volume: Volume, path: Path | None = None) -> sitk.Image:
     """A SimpleITK image of ``volume.array`` carrying exactly the volume's origin, spacing and direction."""
+    sitk = simpleitk()
     array = np.asarray(volume.array)
     if array.ndim != 3:
         raise OutputError(f"expected a 3-D (z, y, x) array, got shape {array.shape}", path)
@@ -430,6 +435,7 @@ def write_itk_image(volume: Volume, path: Path, compress: bool = True, keeps_she
     ``keeps_shear`` False (NIfTI) refuses a sheared direction matrix. The written file is checked before it
     gets its final name (ITK reports some write errors, e.g. a full disk, only on stderr).
     """
+    sitk = simpleitk()
     if not keeps_shear and not is_orthogonal(volume.direction):
         raise OutputError(SHEARED_NIFTI, path)
     image = volume_to_image(volume, path)
@@ -486,6 +492,7 @@ def _itk_nifti_header(volume: Volume, dtype: np.dtype, path: Path) -> bytes | No
     (tests compare the result byte for byte with ITK's own file). None, so that ITK writes the whole file, when
     that would not be a little-endian NIfTI-1 file (a size over 32767 needs NIfTI-2) or ITK refuses.
     """
+    sitk = simpleitk()
     shape = np.shape(volume.array)
     if len(shape) != 3 or not 0 < min(shape) <= max(shape) <= 32767 or sys.byteorder != "little":
         return None

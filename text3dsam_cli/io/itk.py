@@ -21,22 +21,40 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-import SimpleITK as sitk
+from typing import TYPE_CHECKING, Any
 
 from text3dsam_cli.errors import InputError
 from text3dsam_cli.io.atomic import _split_suffix, encodable
 from text3dsam_cli.io.npz import check_finite
 from text3dsam_cli.io.volume import Volume
 
+if TYPE_CHECKING:
+    import SimpleITK as sitk
+
 log = logging.getLogger(__name__)
 _STDERR_LOCK = threading.Lock()
 
 
+_WARNINGS_OFF = False
+
+
+def simpleitk() -> Any:
+    """The SimpleITK module, imported on first use: an npz run never needs it (75 ms of start-up). Every module
+    here takes it from this function, so that :func:`silence_itk_warnings` holds however late it is imported."""
+    import SimpleITK
+
+    if _WARNINGS_OFF:
+        SimpleITK.ProcessObject.SetGlobalWarningDisplay(False)
+    return SimpleITK
+
+
 def silence_itk_warnings() -> None:
-    """Turn off ITK's multi-line warning printer for the whole process (the CLI reports its own lines)."""
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    """Turn off ITK's multi-line warning printer for the whole process (the CLI reports its own lines); applied
+    when SimpleITK is imported, if it is not yet."""
+    global _WARNINGS_OFF
+    _WARNINGS_OFF = True
+    if "SimpleITK" in sys.modules:
+        simpleitk()
 
 
 @contextlib.contextmanager
@@ -101,7 +119,7 @@ def volume_from_image(image: sitk.Image, path: Path, source_format: str, modalit
     check_layout(image.GetDimension(), image.GetSize(), image.GetNumberOfComponentsPerPixel(), path)
     if "complex" in image.GetPixelIDTypeAsString():
         raise InputError("has complex-valued voxels; a real-valued volume is needed", path)
-    array = sitk.GetArrayFromImage(image)
+    array = simpleitk().GetArrayFromImage(image)
     check_finite(array, path, "the image")
     return Volume(
         array=array,
