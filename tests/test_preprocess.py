@@ -197,3 +197,31 @@ def test_in_place_normalisation_reuses_a_float32_array_only_when_allowed():
     image = prepare_scan(ints, orientation="native", in_place=True).image
     assert image.dtype == np.float32 and not np.shares_memory(image, ints.array)
     assert np.array_equal(ints.array, hu.astype(np.int16))
+
+
+@pytest.mark.parametrize("layout", ["float32", "int16", "float64", "view"])
+def test_slab_wise_mapping_equals_whole_array_passes(layout: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import text3dsam_cli.preprocess as pre
+
+    monkeypatch.setattr(pre, "SLAB_VALUES", 7 * 9 * 2)  # several slabs of two rows, shared by two threads
+    rng = np.random.default_rng(3)
+    source = rng.normal(0, 700, size=(23, 7, 9))
+    source = {"float32": source.astype(np.float32), "int16": source.astype(np.int16), "float64": source,
+              "view": source.astype(np.float32)[::-1, :, ::2]}[layout]
+
+    def whole(low: float, high: float) -> np.ndarray:  # one pass per operation over the whole array
+        out = source.astype(np.float32)
+        np.clip(out, low, high, out=out)
+        out -= np.float32(low)
+        out *= np.float32(255.0 / (high - low))
+        return out
+
+    before = source.copy()
+    assert np.array_equal(window_ct(source, 40, 400), whole(-160.0, 240.0))
+    positive = source[source > 0]
+    low, high = (float(v) for v in np.percentile(positive, (0.5, 99.5)))
+    assert np.array_equal(percentile_normalize(source), whole(low, high))
+    assert np.array_equal(source, before)  # not in place: the input is untouched
+    if layout == "float32":
+        expected = whole(-160.0, 240.0)
+        assert window_ct(source, 40, 400, in_place=True) is source and np.array_equal(source, expected)

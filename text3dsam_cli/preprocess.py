@@ -13,7 +13,10 @@ below -500 (air in Hounsfield units), otherwise MR-like percentile normalisation
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -127,11 +130,56 @@ def parse_window(window: str | tuple[float, float]) -> tuple[float, float]:
     return level, width
 
 
+#: Values per slab of the intensity mapping (1 M float32 = 4 MB: the cast and the clip/shift/scale passes run on a
+#: slab while it is in a core's cache) and threads over the slabs (numpy releases the GIL in these loops).
+SLAB_VALUES = 1 << 20
+SLAB_WORKERS = 2
+
+
 def _float32_target(array: np.ndarray, in_place: bool) -> np.ndarray:
-    """``array`` itself when it may be overwritten (``in_place``, writable C-ordered float32), else a float32 copy."""
+    """``array`` itself when it may be overwritten (``in_place``, writable C-ordered float32), else a new float32
+    array of its shape (filled by :func:`_map_in_slabs`)."""
     if in_place and array.dtype == np.float32 and array.flags.writeable and array.flags.c_contiguous:
         return array
-    return array.astype(np.float32)
+    return np.empty(array.shape, dtype=np.float32)
+
+
+def _map_in_slabs(source: np.ndarray, out: np.ndarray, mapping: Callable[[np.ndarray], None]) -> np.ndarray:
+    """``out`` = ``mapping`` applied in place to float32 ``source``, slab by slab along the first axis, on up to
+    SLAB_WORKERS threads. Elementwise, so the result is the same as one whole-array pass per operation (those
+    were memory-bound: 0.23-0.29 s for the three passes of a 198 M-voxel CT window)."""
+    if out.ndim == 0 or out.size == 0:
+        if out is not source:
+            out[...] = source
+        mapping(out)
+        return out
+    rows = max(1, SLAB_VALUES // max(1, out[:1].size))
+    starts = list(range(0, out.shape[0], rows))
+
+    def run(share: list[int]) -> None:
+        for start in share:
+            slab = out[start:start + rows]
+            if out is not source:
+                slab[...] = source[start:start + rows]  # the float32 cast, per slab
+            mapping(slab)
+
+    workers = min(SLAB_WORKERS, len(starts), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                  else os.cpu_count() or 1)
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(run, [starts[i::workers] for i in range(workers)]))
+    else:
+        run(starts)
+    return out
+
+
+def _clip_rescale(low: float, high: float, scale: float) -> Callable[[np.ndarray], None]:
+    """In place: clip to [low, high], subtract low, multiply by scale (float32)."""
+    def apply(x: np.ndarray) -> None:
+        np.clip(x, low, high, out=x)
+        x -= np.float32(low)
+        x *= np.float32(scale)
+    return apply
 
 
 def window_ct(array: np.ndarray, level: float, width: float, in_place: bool = False) -> np.ndarray:
@@ -141,11 +189,7 @@ def window_ct(array: np.ndarray, level: float, width: float, in_place: bool = Fa
     the whole volume).
     """
     low = level - width / 2.0
-    out = _float32_target(array, in_place)
-    np.clip(out, low, low + width, out=out)
-    out -= np.float32(low)
-    out *= np.float32(255.0 / width)
-    return out
+    return _map_in_slabs(array, _float32_target(array, in_place), _clip_rescale(low, low + width, 255.0 / width))
 
 
 def percentile_normalize(array: np.ndarray, percentiles: tuple[float, float] = PERCENTILES,
@@ -161,14 +205,13 @@ def percentile_normalize(array: np.ndarray, percentiles: tuple[float, float] = P
     del positive
     out = _float32_target(array, in_place)
     if high <= low:  # constant foreground: everything > 0 is the brightest value
+        if out is not array:
+            out[...] = array
         np.greater(out, 0, out=out)
         out *= np.float32(255.0)
         return out
     # low > 0, so voxels <= 0 clip to low and land on 0 after the shift.
-    np.clip(out, low, high, out=out)
-    out -= np.float32(low)
-    out *= np.float32(255.0 / (high - low))
-    return out
+    return _map_in_slabs(array, out, _clip_rescale(low, high, 255.0 / (high - low)))
 
 
 def normalize_intensity(volume: Volume, modality: str | None = None,

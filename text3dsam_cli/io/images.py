@@ -438,8 +438,8 @@ def write_itk_image(volume: Volume, path: Path, compress: bool = True, keeps_she
     sitk = simpleitk()
     if not keeps_shear and not is_orthogonal(volume.direction):
         raise OutputError(SHEARED_NIFTI, path)
-    image = volume_to_image(volume, path)
-    data_bytes = image.GetNumberOfPixels() * image.GetSizeOfPixelComponent()
+    array = _sitk_array(np.asarray(volume.array), path)  # the voxels as ITK stores them (no ITK copy yet)
+    data_bytes = array.size * array.itemsize
     chatter: list[str] = []
 
     def check(tmp: Path) -> str | None:
@@ -453,7 +453,6 @@ def write_itk_image(volume: Volume, path: Path, compress: bool = True, keeps_she
     igzip = _isal("igzip") if gz else None
     header = None
     if name.endswith(".nii") or (gz and igzip is not None):
-        array = _sitk_array(np.asarray(volume.array), path)
         header = _itk_nifti_header(volume, array.dtype, path)
     if header is not None:
         # NIfTI: ITK's own header, then the voxels straight from the array (no full-size ITK copy), compressed
@@ -463,6 +462,7 @@ def write_itk_image(volume: Volume, path: Path, compress: bool = True, keeps_she
             fp.write(header)
             write_voxels(fp, array)
         return path
+    del array
     image = volume_to_image(volume, path)
     with atomic_path(path, verify=check) as tmp:
         writer = sitk.ImageFileWriter()
