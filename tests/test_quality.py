@@ -183,3 +183,42 @@ def test_small_run_blocks_and_flipped_views_give_the_same_report(seed, monkeypat
     got = assess_labels(view, [1, 2], 0.001, largest_component=True)
     assert got == want
     assert np.array_equal(base[::-1, :, ::-1], want_map)  # cleaned through the view
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_report_of_a_map_labelled_in_slabs_equals_the_whole_map_labelling(seed, monkeypatch):
+    """Components cut by slab boundaries (joined straight, edge- and corner-wise, of one label only) are counted
+    once, with their whole size and border contact, and a label on the last or first slice touches the border."""
+    import text3dsam_cli.quality as quality
+
+    rng = np.random.default_rng(200 + seed)
+    shape = (int(rng.integers(7, 30)), int(rng.integers(5, 12)), int(rng.integers(5, 12)))
+    labels = rng.integers(0, 4, size=shape).astype(np.uint8)
+    labels[rng.random(shape) < (0.55 if seed % 2 else 0.8)] = 0
+    labels[:, 1, 1] = 2  # one column through every slab: a single component across all cuts
+    labels[3, 0, 0], labels[4, 1, 1] = 3, 3  # corner-wise across a cut (with 2-slice slabs)
+    y, x = shape[1] // 2, shape[2] // 2
+    for z, value in ((0, 5), (-1, 6)):  # alone on the first / last slice, away from the other faces
+        labels[z, y - 1:y + 2, x - 1:x + 2] = 0
+        labels[z + (1 if z == 0 else -1), y - 1:y + 2, x - 1:x + 2] = 0
+        labels[z, y, x] = value
+    values = [1, 2, 3, 5, 6, 9]
+    want, _ = _reference_report(labels, values, 0.001, False, None)
+    rows = int(rng.integers(1, 4))
+    monkeypatch.setattr(quality, "LABEL_SLAB_VOXELS", rows * shape[1] * shape[2])
+    monkeypatch.setattr(quality, "RUN_BLOCK", 5)
+    calls = []
+    monkeypatch.setattr(quality, "_figures_by_slab", lambda m, f=quality._figures_by_slab: calls.append(1) or f(m))
+    got_map = labels.copy()
+    assert assess_labels(got_map, values, 0.001) == want
+    assert calls and np.array_equal(got_map, labels)  # the slab path ran, and a report changes nothing
+
+
+def test_real_label_map_report_is_the_same_labelled_in_slabs(monkeypatch):
+    import text3dsam_cli.quality as quality
+
+    volume = read_volume(SEG)
+    values = sorted(int(v) for v in np.unique(volume.array) if v)
+    whole = assess_labels(volume.array.copy(), values, volume.voxel_volume_ml)
+    monkeypatch.setattr(quality, "LABEL_SLAB_VOXELS", 7 * volume.array[:1].size)  # cuts every 7 slices
+    assert assess_labels(volume.array.copy(), values, volume.voxel_volume_ml) == whole
