@@ -13,16 +13,15 @@ below -500 (air in Hounsfield units), otherwise MR-like percentile normalisation
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
 from text3dsam_cli.errors import UsageError
 from text3dsam_cli.io.volume import Volume
+from text3dsam_cli.parallel import map_shares
 
 #: Named CT windows as (level, width) in Hounsfield units.
 CT_WINDOWS: dict[str, tuple[float, float]] = {
@@ -163,13 +162,7 @@ def _map_in_slabs(source: np.ndarray, out: np.ndarray, mapping: Callable[[np.nda
                 slab[...] = source[start:start + rows]  # the float32 cast, per slab
             mapping(slab)
 
-    workers = min(SLAB_WORKERS, len(starts), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                  else os.cpu_count() or 1)
-    if workers > 1:
-        with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(run, [starts[i::workers] for i in range(workers)]))
-    else:
-        run(starts)
+    map_shares(run, starts, SLAB_WORKERS)
     return out
 
 
