@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import torch
 
 from text3dsam_cli.errors import UsageError
+from text3dsam_cli.parallel import set_thread_budget
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -80,8 +81,10 @@ def strict_float32() -> Iterator[None]:
 
 
 def set_threads(threads: int | None) -> None:
-    """Limit CPU threads used by torch (``--threads``); None or 0 leaves the default."""
+    """Limit the CPU threads of torch and of every parallel step of the pipeline (``--threads``); None or 0 leaves
+    the defaults (torch's own, and the usable cores for the rest: ``parallel.thread_budget``)."""
+    if threads is not None and threads < 0:
+        raise UsageError("--threads must be positive")
+    set_thread_budget(threads)
     if threads:
-        if threads < 0:
-            raise UsageError("--threads must be positive")
         torch.set_num_threads(threads)

@@ -19,10 +19,29 @@ def usable_cores() -> int:
     return os.cpu_count() or 1
 
 
-def map_shares(work: Callable[[list[T]], R], items: Sequence[T], most: int) -> list[R]:
+#: Threads the process's own parallel steps may use, set by ``--threads`` (:func:`set_thread_budget`); None: the
+#: usable cores.
+_budget: int | None = None
+
+
+def set_thread_budget(threads: int | None) -> None:
+    """Cap the threads of every parallel step (``--threads``); None or 0: as many as the usable cores."""
+    global _budget
+    _budget = threads or None
+
+
+def thread_budget() -> int:
+    """Threads a parallel step may use: ``--threads`` when given, else the cores this process may run on.
+
+    One number sizes every step (normalisation slabs, the quality report's passes, compression, torch's own
+    threads), so the work scales from a 2-core laptop to a many-core server without a constant per step."""
+    return _budget or usable_cores()
+
+
+def map_shares(work: Callable[[list[T]], R], items: Sequence[T], most: int | None = None) -> list[R]:
     """``work`` applied to interleaved shares of ``items`` (``items[i::n]``), one share per thread, on
-    n = min(``most``, len(items), usable cores) threads; in the calling thread when n <= 1."""
-    workers = min(most, len(items), usable_cores())
+    n = min(``most``, len(items), :func:`thread_budget`) threads; in the calling thread when n <= 1."""
+    workers = min(most or thread_budget(), len(items), thread_budget())
     if workers <= 1:
         return [work(list(items))]
     with ThreadPoolExecutor(workers) as pool:

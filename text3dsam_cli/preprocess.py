@@ -130,9 +130,9 @@ def parse_window(window: str | tuple[float, float]) -> tuple[float, float]:
 
 
 #: Values per slab of the intensity mapping (1 M float32 = 4 MB: the cast and the clip/shift/scale passes run on a
-#: slab while it is in a core's cache) and threads over the slabs (numpy releases the GIL in these loops).
+#: slab while it is in a core's cache); the slabs are shared among ``parallel.thread_budget()`` threads (numpy
+#: releases the GIL in these loops).
 SLAB_VALUES = 1 << 20
-SLAB_WORKERS = 2
 
 
 def _float32_target(array: np.ndarray, in_place: bool) -> np.ndarray:
@@ -145,8 +145,8 @@ def _float32_target(array: np.ndarray, in_place: bool) -> np.ndarray:
 
 def _map_in_slabs(source: np.ndarray, out: np.ndarray, mapping: Callable[[np.ndarray], None]) -> np.ndarray:
     """``out`` = ``mapping`` applied in place to float32 ``source``, slab by slab along the first axis, on up to
-    SLAB_WORKERS threads. Elementwise, so the result is the same as one whole-array pass per operation (those
-    were memory-bound: 0.23-0.29 s for the three passes of a 198 M-voxel CT window)."""
+    ``parallel.thread_budget()`` threads. Elementwise, so the result is the same as one whole-array pass per
+    operation (those were memory-bound: 0.23-0.29 s for the three passes of a 198 M-voxel CT window)."""
     if out.ndim == 0 or out.size == 0:
         if out is not source:
             out[...] = source
@@ -162,7 +162,7 @@ def _map_in_slabs(source: np.ndarray, out: np.ndarray, mapping: Callable[[np.nda
                 slab[...] = source[start:start + rows]  # the float32 cast, per slab
             mapping(slab)
 
-    map_shares(run, starts, SLAB_WORKERS)
+    map_shares(run, starts)
     return out
 
 

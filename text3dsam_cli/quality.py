@@ -21,13 +21,11 @@ from typing import Any
 import cc3d
 import numpy as np
 
-from text3dsam_cli.parallel import map_shares, usable_cores
+from text3dsam_cli.parallel import map_shares, thread_budget
 
 CONNECTIVITY = 26
 
 
-#: Threads of the run-length pass of :func:`_components` (at most; one per core).
-RUN_WORKERS = 4
 #: Voxels per block of the run-length pass of :func:`_components` (16 M: a 16 MB mask and modest index arrays).
 RUN_BLOCK = 1 << 24
 #: Voxels per slab (whole slices) of the report-only labelling of large maps (:func:`_figures_by_slab`).
@@ -39,7 +37,7 @@ def _run_figures(ids_flat: np.ndarray, labels_flat: np.ndarray, count: int) -> t
     equal ids along the raster order (one comparison per voxel, then work per run only)."""
     owner = np.zeros(count + 1, dtype=labels_flat.dtype)
     # blocks of at most RUN_BLOCK voxels, and at least one per worker (so that a 16 M-voxel slab splits too)
-    block = min(RUN_BLOCK, max(1, -(-ids_flat.size // min(RUN_WORKERS, usable_cores()))))
+    block = min(RUN_BLOCK, max(1, -(-ids_flat.size // thread_budget())))
 
     def runs(starts: Sequence[int]) -> np.ndarray:
         """Voxel counts per id over the blocks at ``starts``; owners written into ``owner`` (a component has
@@ -58,9 +56,9 @@ def _run_figures(ids_flat: np.ndarray, labels_flat: np.ndarray, count: int) -> t
             owner[run_ids] = labels_flat[start:start + block][run_starts]
         return sizes
 
-    # numpy releases the GIL in these passes: blocks are shared among threads (0.59-0.64 s -> 0.36-0.42 s on
-    # 2 cores for a 198 M-voxel map, timed in one process)
-    return owner, sum(map_shares(runs, range(0, ids_flat.size, block), RUN_WORKERS))
+    # numpy releases the GIL in these passes: blocks are shared among parallel.thread_budget() threads
+    # (0.59-0.64 s -> 0.36-0.42 s on 2 cores for a 198 M-voxel map, timed in one process)
+    return owner, sum(map_shares(runs, range(0, ids_flat.size, block)))
 
 
 def _components(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -194,8 +194,9 @@ def upsample_argmax(logits: torch.Tensor, out_shape: Sequence[int], label_values
     voxel and uses the dense path.
     """
     dense_chunk = min(chunk_voxels, dense_block(logits.device))
-    if keep_probabilities:
-        return upsample_argmax_dense(logits, out_shape, label_values, True, dense_chunk)
+    if keep_probabilities or (logits.device.type != "cpu" and not force_cells):
+        # On a GPU every voxel is cheap: the dense path, whose label map stays on the device until it is done.
+        return upsample_argmax_dense(logits, out_shape, label_values, keep_probabilities, dense_chunk)
     logits = logits.float()
     k, d, h, w = logits.shape
     out = [int(s) for s in out_shape]
@@ -365,7 +366,7 @@ def _blocks(runs: list[tuple[int, int, int, int, torch.Tensor]], rows: int) -> l
 
 def upsample_argmax_dense(logits: torch.Tensor, out_shape: Sequence[int], label_values: Sequence[int],
                           keep_probabilities: bool = False, chunk_voxels: int | None = None,
-                          ) -> tuple[np.ndarray, np.ndarray | None]:
+                          on_device: bool | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Every voxel, every prompt: the exact running argmax (and, if asked, float16 probabilities).
 
     Trilinear interpolation is separable: z by ``torch.lerp`` at low resolution, x by ATen's linear rule on the
@@ -375,6 +376,9 @@ def upsample_argmax_dense(logits: torch.Tensor, out_shape: Sequence[int], label_
     wins at or below it), their bit patterns are ordered integers, so one int32 key per voxel and prompt,
     bits << 7 | (127 - prompt), ranks by probability and then by earlier prompt (ties, e.g. two saturated
     1.0), and a single max over the prompts gives the label.
+
+    ``on_device`` (default: the logits are not on the CPU) keeps the label map on the logits' device in slabs
+    (:func:`device_slab_slices`), each brought back in one transfer.
     """
     k, d, h, _ = logits.shape
     out_d, out_h, out_w = (int(s) for s in out_shape)
@@ -393,7 +397,9 @@ def upsample_argmax_dense(logits: torch.Tensor, out_shape: Sequence[int], label_
     blocks = _blocks(_runs(h, out_h, device), rows_per_block)
     rank = _ranks(group, device).view(-1, 1, 1)
 
-    def slices(zs: Sequence[int]) -> None:
+    def slices(zs: Sequence[int], target: torch.Tensor | None = None, base: int = 0) -> None:
+        """Labels of output slices ``zs`` into ``labels``, or into ``target`` (slice z at z - ``base``) on the
+        device."""
         for z in zs:
             a, b = z_index[z]
             plane = torch.lerp(logits[:, a], logits[:, b], wz[z])  # (K, h, w): z at low resolution
@@ -419,9 +425,23 @@ def upsample_argmax_dense(logits: torch.Tensor, out_shape: Sequence[int], label_
                         better = bits > best_bits
                         best_bits = torch.where(better, bits, best_bits)
                         best_label = torch.where(better, label, best_label)
-                labels[z, y0:y1] = (best_label if identity else lut[best_label]).cpu().numpy()
+                value = best_label if identity else lut[best_label]
+                if target is None:
+                    labels[z, y0:y1] = value.cpu().numpy()
+                else:
+                    target[z - base, y0:y1] = value
 
-    threads = torch.get_num_threads() if device.type == "cpu" else 1
+    if device.type != "cpu" if on_device is None else on_device:
+        # On a GPU the label map stays on the device in slabs as large as its free memory allows, each brought back
+        # in one transfer (one for the whole map where it fits), not one per block.
+        step = device_slab_slices(device, out_h * out_w * _device_label_dtype(dtype).itemsize, out_d)
+        slab = torch.empty((step, out_h, out_w), dtype=_device_label_dtype(dtype), device=device)
+        for z0 in range(0, out_d, step):
+            z1 = min(out_d, z0 + step)
+            slices(range(z0, z1), slab, z0)
+            labels[z0:z1] = slab[: z1 - z0].cpu().numpy()  # uint8, or int32 values cast to the map's dtype
+        return labels, probs
+    threads = torch.get_num_threads()
     workers = min(DENSE_WORKERS, threads)
     if workers > 1 and out_d > 1:
         # Cache-sized operations are too small for torch's own threads alone: their fork/join per operation costs
@@ -432,6 +452,27 @@ def upsample_argmax_dense(logits: torch.Tensor, out_shape: Sequence[int], label_
     else:
         slices(range(out_d))
     return labels, probs
+
+
+#: Share of a GPU's free memory that one slab of an on-device label map may take (:func:`device_slab_slices`);
+#: the rest is left to the blocks of interpolated probabilities and to other processes.
+DEVICE_SLAB_SHARE = 0.25
+
+
+def _device_label_dtype(dtype: np.dtype) -> torch.dtype:
+    """The torch dtype that holds a label map of numpy ``dtype`` on a device (torch's uint16/uint32 support few
+    operations: those maps are held as int32 and cast on the CPU)."""
+    return torch.uint8 if dtype == np.uint8 else torch.int32
+
+
+def device_slab_slices(device: torch.device, bytes_per_slice: int, slices: int) -> int:
+    """Output slices per on-device slab of a label map: all of them where DEVICE_SLAB_SHARE of the device's free
+    memory holds them, else as many as fit (at least one)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:  # no free-memory query (e.g. MPS): a 256 MB slab
+        free = (1 << 28) / DEVICE_SLAB_SHARE
+    return max(1, min(slices, int(free * DEVICE_SLAB_SHARE) // max(1, bytes_per_slice)))
 
 
 #: Upsampling factor (output / input size) of an axis from which the column path pays for its per-plane work.

@@ -30,6 +30,7 @@ from text3dsam_cli.io.itk import captured_stderr, check_layout, first_error_line
 from text3dsam_cli.io.limits import check_voxel_count
 from text3dsam_cli.io.npz import check_finite
 from text3dsam_cli.io.volume import Volume
+from text3dsam_cli.parallel import thread_budget
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -457,8 +458,12 @@ def write_itk_image(volume: Volume, path: Path, compress: bool = True, keeps_she
     if header is not None:
         # NIfTI: ITK's own header, then the voxels straight from the array (no full-size ITK copy), compressed
         # by ISA-L (a sixth of ITK's gzip time; docs/performance.md).
-        with atomic_path(path, verify=check) as tmp, \
-                (igzip.open(tmp, "wb", compresslevel=GZIP_LEVEL) if gz else open(tmp, "wb")) as fp:
+        # Written by this process, so a write error raises here (no ITK stderr to read): the check is that the
+        # file is whole (its size, or the gzip trailer's length), not a second decompression of it.
+        def whole(tmp: Path) -> str | None:
+            return _written_whole(tmp, len(header) + data_bytes, gz)
+
+        with atomic_path(path, verify=whole) as tmp, (_gzip_writer(tmp) if gz else open(tmp, "wb")) as fp:
             fp.write(header)
             write_voxels(fp, array)
         return path
@@ -483,6 +488,30 @@ GZIP_LEVEL = 2
 #: Bytes per slab copied to the file by :func:`write_voxels` (a non-contiguous view is made contiguous per slab).
 SLAB_BYTES = 1 << 24
 _NIFTI1_HEADER = 352  # 348-byte header + the 4-byte extension flag; voxels start here (vox_offset)
+
+
+def _gzip_writer(path: Path) -> Any:
+    """A gzip file open for writing at GZIP_LEVEL: ISA-L compressing blocks on ``parallel.thread_budget() - 1``
+    threads while the calling thread prepares the next slab (``isal.igzip_threaded``, one gzip stream any
+    reader reads); ISA-L in the calling thread where the budget is one thread."""
+    workers = thread_budget() - 1
+    if workers < 1:
+        return _isal("igzip").open(path, "wb", compresslevel=GZIP_LEVEL)
+    return _isal("igzip_threaded").open(path, "wb", compresslevel=GZIP_LEVEL, threads=workers)
+
+
+def _written_whole(path: Path, total: int, gz: bool) -> str | None:
+    """None when ``path``, just written by this process, holds ``total`` bytes: its size, or for gzip the length
+    its trailer records (ISIZE, modulo 2**32) after a complete stream; else what is wrong."""
+    size = path.stat().st_size
+    if not gz:
+        return None if size == total else f"{size} bytes written, expected {total}"
+    with open(path, "rb") as fp:
+        fp.seek(max(0, size - 4))
+        tail = fp.read(4)
+    if size < 18 or len(tail) != 4 or struct.unpack("<I", tail)[0] != total % (1 << 32):
+        return f"the written file is truncated ({size} bytes of gzip data)"
+    return None
 
 
 def _itk_nifti_header(volume: Volume, dtype: np.dtype, path: Path) -> bytes | None:
