@@ -13,9 +13,11 @@ is the CVPR 2025 text-guided 3D segmentation challenge's prompt list as publishe
   distinct (name, modality) spellings become 247 classes: ``Left atrium``/``Left Atrium`` in MR);
 * each class keeps the datasets it occurs in and its phrasings (first spelling of each normalised phrasing,
   in file order); classes are sorted by modality, then name;
-* presets: one per dataset (file order), its label values and, per label, one trained phrasing: the first of
-  the label's phrasings that belongs to classes of one modality only (``Spleen`` is CT and MR, so CT_AMOS's
-  spleen is ``Abdominal CT revealing spleen structures``), else its first phrasing; and the instance flag.
+* presets: one per dataset (file order), its label values (ascending) and, per label, one trained phrasing:
+  the first of the label's phrasings that belongs to classes of one modality only and to no other dataset
+  (so it names the modality and, where the file has one, the dataset's own wording: BraTS-T2f's
+  ``Non-enhancing tumor core in head MR T2 FLAIR``), else the first of one modality only (``Spleen`` is CT
+  and MR), else its first phrasing; and the instance flag.
 
 ``tests/test_prompts.py`` checks that the shipped file equals what this script derives.
 """
@@ -82,6 +84,12 @@ def presets(source: dict[str, Any], classes: list[dict[str, Any]]) -> list[dict[
     for entry in classes:
         for text in (entry["name"], *entry["phrasings"]):
             modalities.setdefault(normalize(text), set()).add(entry["modality"])
+    users: dict[str, set[str]] = {}
+    for dataset, labels in source.items():
+        for key, phrasings in labels.items():
+            if key != "instance_label":
+                for text in (phrasings if isinstance(phrasings, list) else [phrasings]):
+                    users.setdefault(normalize(text), set()).add(dataset)
     out = []
     for dataset, labels in source.items():
         chosen: dict[str, str] = {}
@@ -89,7 +97,9 @@ def presets(source: dict[str, Any], classes: list[dict[str, Any]]) -> list[dict[
             if key == "instance_label":
                 continue
             texts = [t.strip() for t in (phrasings if isinstance(phrasings, list) else [phrasings])]
-            chosen[str(int(key))] = next((t for t in texts if len(modalities[normalize(t)]) == 1), texts[0])
+            one_modality = [t for t in texts if len(modalities[normalize(t)]) == 1]
+            own = [t for t in one_modality if users[normalize(t)] == {dataset}]
+            chosen[str(int(key))] = (own or one_modality or texts)[0]
         if len({normalize(t) for t in chosen.values()}) != len(chosen):
             raise ValueError(f"dataset {dataset!r}: two labels would get the same prompt")
         out.append({"name": dataset, "modality": modality_of(dataset), "instance": bool(labels.get("instance_label")),
