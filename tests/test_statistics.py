@@ -54,6 +54,28 @@ def test_label_map_dtypes_and_float_images(dtype):
         assert stats[value] == oracle(image, labels, value)
 
 
+def test_histogram_and_sorting_paths_agree_with_the_oracle(monkeypatch):
+    """16-bit integer images take the histogram path, others the sorting path; both give the oracle's figures,
+    also for labels of 1, 2 and 3 voxels (percentile interpolation at its edges) and for uint16 HU + 1024."""
+    import text3dsam_cli.statistics as statistics
+
+    rng = np.random.default_rng(7)
+    ct = read_volume(CT).array
+    labels = read_volume(CT_SEG).array.copy()
+    for value, size in ((101, 1), (102, 2), (103, 3)):
+        labels[np.unravel_index(rng.choice(labels.size, size, replace=False), labels.shape)] = value
+    values = sorted(int(v) for v in np.unique(labels) if v > 0)
+    images = {"int16": ct, "uint16+1024": (np.clip(ct, -1024, None) + 1024).astype(np.uint16),
+              "uint8": rng.integers(0, 256, ct.shape, dtype=np.uint8),
+              "int32": ct.astype(np.int32) * 3, "float64": ct * 0.1}
+    for name, image in images.items():
+        expected = {v: oracle(image, labels, v) for v in values}
+        assert intensity_statistics(image, labels, values) == expected, name
+        with monkeypatch.context() as patch:
+            patch.setattr(statistics, "HISTOGRAM_BINS", 0)  # force the sorting path
+            assert intensity_statistics(image, labels, values) == expected, name
+
+
 def test_shape_mismatch_is_refused():
     with pytest.raises(ValueError, match="does not match"):
         intensity_statistics(np.zeros((2, 3, 4)), np.zeros((2, 3, 5), np.uint8), [1])
