@@ -504,7 +504,8 @@ class SegmentRun:
         t_pre = time.perf_counter() - t0
         prompts, values = prompts_to_segment(prompts, values, instance)
         # The model input is handed over (no other reference kept), so that it is freed before the upsampling;
-        # nothing after this reads the input's voxels (but the preview): keep its geometry, free its array.
+        # nothing after this reads the input's voxels (but the preview and --statistics): keep its geometry, free its
+        # array.
         image, scan.image = [scan.image], np.empty(0, dtype=np.float32)
         if not keep_values:
             volume.array = np.broadcast_to(np.zeros((), dtype=volume.array.dtype), volume.array.shape)
