@@ -32,7 +32,8 @@ def test_one_preset_per_training_dataset_each_class_once_in_a_trained_phrasing()
         assert preset.modality == ("PET" if preset.name == "autoPET" else preset.name.split("_")[0])
     amos = find_preset("CT_AMOS")
     assert amos.modality == "CT" and len(amos.prompts) == 15 and amos.values == tuple(range(1, 16))
-    assert find_preset("ct_amos") is amos
+    assert find_preset("ct_amos") is amos and find_preset(" CT-AMOS") is amos
+    assert len({normalize_text(p.name) for p in presets}) == len(presets)
     # phrasings that name the modality, so the prompts decide it (and the dataset's own wording where it has one)
     assert prompt_modality(amos.prompts)[0] == "CT"
     assert find_preset("MR_BraTS-T2f").prompts[0] == "Non-enhancing tumor core in head MR T2 FLAIR"

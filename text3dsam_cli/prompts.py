@@ -350,12 +350,12 @@ def load_presets(modality: str | None = None) -> list[Preset]:
 
 
 def find_preset(name: str) -> Preset:
-    """The preset called ``name`` (case-insensitive); a :class:`~text3dsam_cli.errors.UsageError` naming the
-    closest names otherwise."""
+    """The preset called ``name`` (compared after :func:`normalize_text`: ``ct-amos`` is ``CT_AMOS``); a
+    :class:`~text3dsam_cli.errors.UsageError` naming the closest names otherwise."""
     from text3dsam_cli.errors import UsageError
 
-    by_name = {p.name.casefold(): p for p in _presets()}
-    found = by_name.get(name.strip().casefold())
+    by_name = {normalize_text(p.name): p for p in _presets()}
+    found = by_name.get(normalize_text(name))
     if found is not None:
         return found
     from rapidfuzz import fuzz, process
