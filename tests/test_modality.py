@@ -65,7 +65,7 @@ def test_windowed_ct_with_a_ct_prompt_is_ct(small_checkpoint, tmp_path):
     assert len(warnings) == 1 and "windowed.nii.gz: modality CT from the prompts" in warnings[0]
 
 
-def test_uint16_ct_with_offset_and_a_ct_prompt():
+def test_uint16_ct_with_offset_and_a_ct_prompt(small_checkpoint, tmp_path):
     """HU + 1024 stored as uint16: CT from the prompt, a warning with the --window that undoes the offset (and
     that window gives exactly the model input of the CT in HU)."""
     original = read_volume(CT)
@@ -77,6 +77,17 @@ def test_uint16_ct_with_offset_and_a_ct_prompt():
     assert "minimum value 0 >= -500" in decision.warning and "--window 1064,400 for +1024" in decision.warning
     shifted = prepare_scan(offset, window="1064,400", prompts=prompts).image
     assert np.array_equal(shifted, prepare_scan(original).image)
+
+    stored = _write_like(CT, offset.array, tmp_path / "ct_uint16.nii.gz")
+    assert read_volume(stored).array.dtype == np.uint16
+    out = tmp_path / "seg.nii.gz"
+    result = runner.invoke(app, ["segment", str(stored), *prompts, "-m", str(small_checkpoint), "-o", str(out),
+                                 "--window", "1064,400"])
+    assert result.exit_code == 0, result.output
+    modality = json.loads((tmp_path / "seg.json").read_text())["modality"]
+    assert (modality["modality"], modality["source"], modality["window"]) == ("CT", "prompts", "1064,400")
+    assert [line for line in result.stderr.splitlines() if line.startswith("warning:")] == [
+        f"warning: {stored}: {decision.warning}"]
 
 
 @pytest.mark.parametrize(("name", "modality"), [
