@@ -12,7 +12,12 @@ is the CVPR 2025 text-guided 3D segmentation challenge's prompt list as publishe
   one modality whose names are equal after normalising case, spaces and punctuation are one class (so 248
   distinct (name, modality) spellings become 247 classes: ``Left atrium``/``Left Atrium`` in MR);
 * each class keeps the datasets it occurs in and its phrasings (first spelling of each normalised phrasing,
-  in file order); classes are sorted by modality, then name.
+  in file order); classes are sorted by modality, then name;
+* presets: one per dataset (file order), its label values (ascending) and, per label, one trained phrasing:
+  the first of the label's phrasings that belongs to classes of one modality only and to no other dataset
+  (so it names the modality and, where the file has one, the dataset's own wording: BraTS-T2f's
+  ``Non-enhancing tumor core in head MR T2 FLAIR``), else the first of one modality only (``Spleen`` is CT
+  and MR), else its first phrasing; and the instance flag.
 
 ``tests/test_prompts.py`` checks that the shipped file equals what this script derives.
 """
@@ -70,13 +75,45 @@ def derive(source: dict[str, Any]) -> dict[str, Any]:
                     known.add(normalize(text))
                     entry["phrasings"].append(text)
     ordered = sorted(classes.values(), key=lambda e: (MODALITY_ORDER.index(e["modality"]), e["name"].casefold()))
-    return {"source": SOURCE, "classes": ordered}
+    return {"source": SOURCE, "classes": ordered, "presets": presets(source, ordered)}
+
+
+def presets(source: dict[str, Any], classes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One prompt set per dataset: label value -> a phrasing that names one modality (see the module rule)."""
+    modalities: dict[str, set[str]] = {}
+    for entry in classes:
+        for text in (entry["name"], *entry["phrasings"]):
+            modalities.setdefault(normalize(text), set()).add(entry["modality"])
+    users: dict[str, set[str]] = {}
+    for dataset, labels in source.items():
+        for key, phrasings in labels.items():
+            if key != "instance_label":
+                for text in (phrasings if isinstance(phrasings, list) else [phrasings]):
+                    users.setdefault(normalize(text), set()).add(dataset)
+    out = []
+    for dataset, labels in source.items():
+        chosen: dict[str, str] = {}
+        for key, phrasings in labels.items():
+            if key == "instance_label":
+                continue
+            texts = [t.strip() for t in (phrasings if isinstance(phrasings, list) else [phrasings])]
+            one_modality = [t for t in texts if len(modalities[normalize(t)]) == 1]
+            own = [t for t in one_modality if users[normalize(t)] == {dataset}]
+            chosen[str(int(key))] = (own or one_modality or texts)[0]
+        if len({normalize(t) for t in chosen.values()}) != len(chosen):
+            raise ValueError(f"dataset {dataset!r}: two labels would get the same prompt")
+        out.append({"name": dataset, "modality": modality_of(dataset), "instance": bool(labels.get("instance_label")),
+                    "labels": dict(sorted(chosen.items(), key=lambda item: int(item[0])))})
+    return out
 
 
 def render(document: dict[str, Any]) -> str:
     """The file's exact text (one class per line keeps diffs readable)."""
     lines = ["{", f'  "source": {json.dumps(document["source"], ensure_ascii=False)},', '  "classes": [']
     rows = [f"    {json.dumps(entry, ensure_ascii=False)}" for entry in document["classes"]]
+    lines.append(",\n".join(rows))
+    lines += ["  ],", '  "presets": [']
+    rows = [f"    {json.dumps(entry, ensure_ascii=False)}" for entry in document["presets"]]
     lines.append(",\n".join(rows))
     lines += ["  ]", "}"]
     return "\n".join(lines) + "\n"

@@ -84,6 +84,8 @@ class SegmentOptions:
     skip_existing: bool = False
     strict_prompts: bool = False  # refuse prompts that are not phrasings of the vocabulary
     max_prompts: int | None = DEFAULT_MAX_PROMPTS
+    statistics: bool = False  # intensity statistics of the input's values per label (sidecar labels[i].intensity)
+    presets: tuple[str, ...] = ()  # names of the presets among the prompts (recorded in the sidecar)
 
 
 @dataclass
@@ -257,9 +259,13 @@ def prompt_values(prompts: Sequence[str], values: Sequence[int]) -> dict[str, in
 def build_sidecar(item: InputItem, volume: Volume, result: SegmentationResult, model_source: dict[str, Any],
                   modality: dict[str, Any], outputs: dict[str, str], timings: dict[str, float],
                   orientation: dict[str, Any] | None = None,
-                  quality: dict[int, dict[str, Any]] | None = None) -> dict[str, Any]:
-    """The JSON written beside each output."""
-    return {
+                  quality: dict[int, dict[str, Any]] | None = None,
+                  intensity: dict[int, dict[str, Any]] | None = None,
+                  presets: Sequence[str] = ()) -> dict[str, Any]:
+    """The JSON written beside each output. ``intensity``: label value -> its intensity statistics
+    (:func:`text3dsam_cli.statistics.intensity_statistics`, ``segment --statistics``), added to each label;
+    ``presets``: the presets named on the command line, recorded when there are any."""
+    sidecar = {
         "text3dsam_version": __version__,
         "input": str(item.path),
         "input_format": volume.source_format,
@@ -269,13 +275,17 @@ def build_sidecar(item: InputItem, volume: Volume, result: SegmentationResult, m
         "modality": modality,
         "orientation": orientation,
         "prompts": prompt_values(result.prompts, result.label_values),
-        "labels": [{**entry, "vocabulary": match_prompt(entry["prompt"]).to_dict()} for entry in
-                   label_statistics(result.labels, result.label_values, result.prompts,
-                                    volume.voxel_volume_ml, quality)],
+        "labels": [{**entry, "vocabulary": match_prompt(entry["prompt"]).to_dict(),
+                    **({"intensity": intensity.get(entry["label"])} if intensity is not None else {})}
+                   for entry in label_statistics(result.labels, result.label_values, result.prompts,
+                                                 volume.voxel_volume_ml, quality)],
         "geometry": volume.geometry(),
         "outputs": outputs,
         "timings_s": {k: round(v, 4) for k, v in timings.items()},
     }
+    if presets:
+        sidecar["presets"] = list(presets)
+    return sidecar
 
 
 @dataclass
@@ -308,6 +318,8 @@ class PreparedScan:
                                 "normalization": decision.normalization, "detail": decision.detail}
         if decision.normalization == "ct_window":
             info["window"] = self.window
+        if decision.warning:
+            info["warning"] = decision.warning
         return info
 
 
@@ -340,15 +352,16 @@ def orientation_target(volume: Volume, modality: str | None, request: str = "aut
 
 def prepare_scan(volume: Volume, modality: str | None = None, window: str | tuple[float, float] = DEFAULT_WINDOW,
                  orientation: str = "auto", table: dict[str, Any] | None = None,
-                 in_place: bool = False) -> PreparedScan:
+                 in_place: bool = False, prompts: Sequence[str] = ()) -> PreparedScan:
     """Decide the modality once, reorient to the model's orientation, normalise, and record how to map back.
 
     ``orientation`` and ``table``: see :func:`orientation_target`. Reorienting is a pure permutation/flip of
     the axes (never a resampling); the spacing follows the permutation. ``in_place``: the intensities of
     ``volume`` are not needed afterwards, so a float32 array may be normalised where it lies (no second
-    whole-volume copy; a whole-body float CT is 0.8 GB).
+    whole-volume copy; a whole-body float CT is 0.8 GB). ``prompts``: the prompts to be segmented, which may
+    decide the modality (:func:`~text3dsam_cli.preprocess.resolve_modality`).
     """
-    decision = resolve_modality(volume, modality)
+    decision = resolve_modality(volume, modality, prompts)
     target, info = orientation_target(volume, decision.modality, orientation, table)
     change = None
     if target is not None:
@@ -483,15 +496,18 @@ class SegmentRun:
                 not fmt.keeps_shear for fmt in map(formats.output_format, plan.files) if fmt is not None):
             raise InputError(SHEARED_NIFTI, item.path)
         t0 = time.perf_counter()
-        # Only the preview shows the input's intensities; otherwise normalise a float input where it lies.
+        # Only the preview and --statistics read the input's intensities; otherwise normalise a float input where
+        # it lies.
+        keep_values = o.preview or o.statistics
         scan = prepare_scan(volume, self.options.modality, self.options.window, self.orientation,
-                            self.orientation_table, in_place=not o.preview)
+                            self.orientation_table, in_place=not keep_values, prompts=prompts)
         t_pre = time.perf_counter() - t0
         prompts, values = prompts_to_segment(prompts, values, instance)
         # The model input is handed over (no other reference kept), so that it is freed before the upsampling;
-        # nothing after this reads the input's voxels (but the preview): keep its geometry, free its array.
+        # nothing after this reads the input's voxels (but the preview and --statistics): keep its geometry, free its
+        # array.
         image, scan.image = [scan.image], np.empty(0, dtype=np.float32)
-        if not o.preview:
+        if not keep_values:
             volume.array = np.broadcast_to(np.zeros((), dtype=volume.array.dtype), volume.array.shape)
         result = self.segmenter.segment(image, prompts, values, spacing=scan.spacing,
                                         keep_probabilities=self.options.probabilities)
@@ -505,6 +521,13 @@ class SegmentRun:
         quality = assess_labels(result.labels, result.label_values, volume.voxel_volume_ml,
                                 o.largest_component, o.min_size_ml)
         t_quality = time.perf_counter() - t0
+        intensity, t_statistics = None, 0.0
+        if o.statistics:
+            from text3dsam_cli.statistics import intensity_statistics
+
+            t0 = time.perf_counter()
+            intensity = intensity_statistics(volume.array, result.labels, result.label_values)
+            t_statistics = time.perf_counter() - t0
         final = plan_files(plan.labels, FILE_SUFFIXES, result.label_values, o.split, o.probabilities and
                            result.probabilities is not None, o.preview, wanted)
         if final.files != plan.files:  # label values known only now (an npz's own prompts): check again
@@ -519,9 +542,10 @@ class SegmentRun:
         try:
             self._write_all(item, volume, result, final, written, created, sources)
             timings = {"read_wait": waited, "preprocess": t_pre, **result.timings, "quality": t_quality,
+                       **({"statistics": t_statistics} if intensity is not None else {}),
                        "write": time.perf_counter() - t0}
             sidecar = build_sidecar(item, volume, result, dict(self.segmenter.model.source), scan.describe(),
-                                    written, timings, scan.orientation, quality)
+                                    written, timings, scan.orientation, quality, intensity, o.presets)
             write_json(final.sidecar, sidecar)
         except BaseException:  # nothing half-done stays: remove what this attempt wrote (the marker goes last)
             discard_attempt(final, created, before)

@@ -6,16 +6,21 @@
 * Every other modality: clip to the 0.5th and 99.5th percentiles of the voxels > 0 and rescale to 0..255;
   voxels <= 0 end up 0 (all zeros if no voxel is > 0).
 
-The modality is resolved by :func:`resolve_modality`: an explicit override wins, then the DICOM Modality
-tag, then (for NIfTI/NRRD/MetaImage, which carry no modality) a heuristic: CT when the minimum value is
-below -500 (air in Hounsfield units), otherwise MR-like percentile normalisation.
+The modality is resolved by :func:`resolve_modality`, first rule that answers wins (the sidecar's
+``modality.source`` names it): ``override`` (``--modality``); the file's metadata: ``dicom`` (the DICOM
+Modality tag), ``bids`` (a BIDS suffix ending the file name: ``_T1w``, ``_T2w``, ``_FLAIR``, ``_dwi``, ... ->
+MR, ``_ct`` -> CT, ``_pet`` -> PT); ``prompts`` (every known prompt belongs to one modality of the vocabulary,
+:func:`text3dsam_cli.prompts.prompt_modality`); ``heuristic``: CT when the minimum value is below -500 (air in
+Hounsfield units), otherwise MR-like percentile normalisation. When metadata or prompts decide, the heuristic
+is still asked, and a disagreement (CT or not CT) is recorded as the decision's ``warning``.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -40,20 +45,30 @@ _ALIASES = {"MRI": "MR", "PET": "PT", "CT": "CT", "MR": "MR", "PT": "PT", "US": 
 #: Accepted ``--modality`` values (after aliases): the model's modalities plus common DICOM image modality codes.
 KNOWN_MODALITIES = frozenset({*_ALIASES.values(), "NM", "XA", "RF", "CR", "DX", "MG", "OCT", "OPT", "OT", "SM"})
 _NPZ_PREFIXES = {"CT": "CT", "MR": "MR", "PET": "PT", "US": "US", "MICROSCOPY": "MICROSCOPY"}
+#: BIDS suffixes (the last ``_`` part of a file name, any case) that name a modality: MR anatomical, diffusion,
+#: perfusion and functional suffixes, ``ct`` (the CT extension proposal) and ``pet`` (BIDS-PET).
+BIDS_SUFFIXES: dict[str, str] = {
+    **dict.fromkeys(("t1w", "t2w", "pdw", "t2starw", "flair", "pdt2", "inplanet1", "inplanet2", "t1map", "t2map",
+                     "t2starmap", "unit1", "mp2rage", "dwi", "bold", "sbref", "asl", "m0scan", "cbv"), "MR"),
+    "ct": "CT",
+    "pet": "PT",
+}
 
 
 @dataclass(frozen=True)
 class ModalityDecision:
     """Which modality was used, where it came from and how intensities are normalised (for sidecars).
 
-    ``source`` is "override", "dicom", "npz" or "heuristic"; ``normalization`` is "none" (npz),
-    "ct_window" or "percentile"; ``detail`` says why in words.
+    ``source`` is "override", "dicom", "bids", "prompts", "npz" or "heuristic"; ``normalization`` is "none"
+    (npz), "ct_window" or "percentile"; ``detail`` says why in words; ``warning`` (or None) says that the
+    intensity heuristic disagrees with a modality taken from the metadata or the prompts.
     """
 
     modality: str | None
     source: str
     normalization: str
     detail: str
+    warning: str | None = None
 
 
 def normalize_modality_name(name: str) -> str:
@@ -70,8 +85,52 @@ def _npz_modality(volume: Volume) -> str | None:
     return _NPZ_PREFIXES.get(prefix)
 
 
-def resolve_modality(volume: Volume, override: str | None = None) -> ModalityDecision:
-    """Decide the modality (and so the normalisation) of ``volume``; see the module docstring for the rule."""
+def bids_modality(path: Path | None) -> tuple[str | None, str]:
+    """The modality a BIDS suffix ending the file name implies (``sub-01_T1w.nii.gz`` -> MR) and the suffix."""
+    if path is None:
+        return None, ""
+    from text3dsam_cli.io.formats import strip_suffix
+
+    name = strip_suffix(path.name)
+    if "_" not in name:
+        return None, ""
+    suffix = name.rsplit("_", 1)[1]
+    return BIDS_SUFFIXES.get(suffix.lower()), suffix
+
+
+def _heuristic(volume: Volume) -> ModalityDecision:
+    minimum = float(volume.array.min()) if volume.array.size else 0.0
+    if minimum < CT_MINIMUM_THRESHOLD:
+        return ModalityDecision("CT", "heuristic", "ct_window",
+                                f"minimum value {minimum:g} < {CT_MINIMUM_THRESHOLD:g} looks like Hounsfield units")
+    return ModalityDecision("MR", "heuristic", "percentile",
+                            f"minimum value {minimum:g} >= {CT_MINIMUM_THRESHOLD:g}: not CT, "
+                            "using percentile normalisation")
+
+
+def _checked(volume: Volume, decision: ModalityDecision, where: str) -> ModalityDecision:
+    """``decision`` with a ``warning`` when the intensity heuristic disagrees on whether it is a CT."""
+    guess = _heuristic(volume)
+    if (decision.modality == "CT") == (guess.modality == "CT"):
+        return decision
+    if decision.modality == "CT":
+        warning = (f"modality CT from {where}, but the intensities do not look like Hounsfield units ("
+                   f"{guess.detail.split(':')[0]}, no air); normalised as CT")
+        if volume.array.dtype.kind == "u":
+            warning += ("; if the values are Hounsfield units plus an offset, shift --window by it "
+                        "(e.g. --window 1064,400 for +1024)")
+    else:
+        warning = (f"modality {decision.modality} from {where}, but the intensities look like a CT "
+                   f"({guess.detail}); normalised as {decision.modality}")
+    return ModalityDecision(decision.modality, decision.source, decision.normalization, decision.detail, warning)
+
+
+def resolve_modality(volume: Volume, override: str | None = None, prompts: Sequence[str] = ()) -> ModalityDecision:
+    """Decide the modality (and so the normalisation) of ``volume``; see the module docstring for the rule.
+
+    ``prompts``: the prompts to be segmented (they decide when the metadata does not and every known prompt
+    belongs to one modality of the vocabulary).
+    """
     if volume.source_format == "npz":
         modality = normalize_modality_name(override) if override else (volume.modality or _npz_modality(volume))
         low, high = _value_range(volume.array)
@@ -88,14 +147,22 @@ def resolve_modality(volume: Volume, override: str | None = None) -> ModalityDec
         return ModalityDecision(modality, "override", _normalization(modality), "given explicitly")
     if volume.modality:
         modality = normalize_modality_name(volume.modality)
-        return ModalityDecision(modality, "dicom", _normalization(modality), "DICOM Modality tag (0008,0060)")
-    minimum = float(volume.array.min()) if volume.array.size else 0.0
-    if minimum < CT_MINIMUM_THRESHOLD:
-        return ModalityDecision("CT", "heuristic", "ct_window",
-                                f"minimum value {minimum:g} < {CT_MINIMUM_THRESHOLD:g} looks like Hounsfield units")
-    return ModalityDecision("MR", "heuristic", "percentile",
-                            f"minimum value {minimum:g} >= {CT_MINIMUM_THRESHOLD:g}: not CT, "
-                            "using percentile normalisation")
+        return _checked(volume, ModalityDecision(modality, "dicom", _normalization(modality),
+                                                 "DICOM Modality tag (0008,0060)"), "the DICOM Modality tag")
+    modality, suffix = bids_modality(volume.path)
+    if modality is not None:
+        return _checked(volume, ModalityDecision(modality, "bids", _normalization(modality),
+                                                 f"BIDS suffix _{suffix} of the file name"),
+                        f"the file name's BIDS suffix _{suffix}")
+    if prompts:
+        from text3dsam_cli.prompts import prompt_modality
+
+        named, detail = prompt_modality(prompts)
+        if named is not None:
+            modality = normalize_modality_name(named)
+            return _checked(volume, ModalityDecision(modality, "prompts", _normalization(modality), detail),
+                            "the prompts")
+    return _heuristic(volume)
 
 
 def _value_range(array: np.ndarray) -> tuple[float, float]:

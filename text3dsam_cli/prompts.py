@@ -38,16 +38,21 @@ __all__ = [
     "INSTANCE_KEY",
     "MAX_LABEL_VALUE",
     "LabelMap",
+    "Preset",
     "VocabularyEntry",
     "VocabularyMatch",
+    "add_presets",
     "check_known_prompts",
     "describe_unknown",
+    "find_preset",
     "is_label_map",
+    "load_presets",
     "load_vocabulary",
     "match_prompt",
     "normalize_text",
     "parse_label_map",
     "parse_phrasings",
+    "prompt_modality",
     "prompts_for",
     "read_json_object",
     "read_labels_json",
@@ -294,11 +299,96 @@ def normalize_modality(modality: str) -> str:
 
 
 @functools.lru_cache(maxsize=1)
-def _vocabulary() -> tuple[VocabularyEntry, ...]:
+def _vocabulary_document() -> dict[str, Any]:
     text = resources.files("text3dsam_cli").joinpath("data", VOCABULARY_RESOURCE).read_text(encoding="utf-8")
-    data = json.loads(text)
+    return json.loads(text)
+
+
+@functools.lru_cache(maxsize=1)
+def _vocabulary() -> tuple[VocabularyEntry, ...]:
     return tuple(VocabularyEntry(e["name"], e["modality"], list(e["datasets"]), list(e["phrasings"]))
-                 for e in data["classes"])
+                 for e in _vocabulary_document()["classes"])
+
+
+# -- presets: the training datasets' class lists -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named prompt set: one training dataset's classes, each once, in a trained phrasing.
+
+    ``values`` are the dataset's own label values (in ascending order), ``prompts`` their phrasings (the first
+    of each label's phrasings that belongs to one modality of the vocabulary, else its first); ``instance``:
+    the dataset is an instance case in the challenge (its label is split into instances by components).
+    """
+
+    name: str
+    modality: str
+    values: tuple[int, ...]
+    prompts: tuple[str, ...]
+    instance: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form (``text3dsam prompts --presets --json``)."""
+        return {"name": self.name, "modality": self.modality, "prompts": list(self.prompts),
+                "labels": {str(v): p for v, p in zip(self.values, self.prompts)}, "instance": self.instance}
+
+
+@functools.lru_cache(maxsize=1)
+def _presets() -> tuple[Preset, ...]:
+    return tuple(Preset(e["name"], e["modality"], tuple(int(v) for v in e["labels"]), tuple(e["labels"].values()),
+                        bool(e["instance"])) for e in _vocabulary_document()["presets"])
+
+
+def load_presets(modality: str | None = None) -> list[Preset]:
+    """Every preset (one per training dataset, in the prompt list's order), or those of one modality."""
+    found = list(_presets())
+    if modality:
+        wanted = normalize_modality(modality).casefold()
+        found = [p for p in found if p.modality.casefold() == wanted]
+    return found
+
+
+def find_preset(name: str) -> Preset:
+    """The preset called ``name`` (compared after :func:`normalize_text`: ``ct-amos`` is ``CT_AMOS``); a
+    :class:`~text3dsam_cli.errors.UsageError` naming the closest names otherwise."""
+    from text3dsam_cli.errors import UsageError
+
+    by_name = {normalize_text(p.name): p for p in _presets()}
+    found = by_name.get(normalize_text(name))
+    if found is not None:
+        return found
+    from rapidfuzz import fuzz, process
+
+    choices = {normalize_text(p.name): p.name for p in _presets()}
+    close = [choices[text] for text, _, _ in process.extract(normalize_text(name), list(choices), scorer=fuzz.WRatio,
+                                                             limit=3, score_cutoff=70)]
+    hint = f" (closest: {', '.join(close)})" if close else ""
+    raise UsageError(f"unknown --preset {name!r}{hint}; 'text3dsam prompts --presets' lists them")
+
+
+def add_presets(names: Sequence[str], prompts: Sequence[str],
+                values: Sequence[int] | None = None) -> tuple[list[str], list[int]]:
+    """``prompts`` (label ``values``, default 1..K) followed by the prompts of the named presets.
+
+    Label values: the first source keeps its own (the PROMPT arguments 1..K, a JSON prompt file its values, or,
+    when there are no other prompts, the first preset its dataset's label values, so a lone preset numbers its
+    labels like the dataset's ground truth); every prompt a later preset adds takes the next value above the
+    largest so far. A preset prompt whose text (normalised) is already among the prompts is not added again.
+    """
+    out = list(prompts)
+    numbers = list(values) if values is not None else list(range(1, len(out) + 1))
+    seen = {normalize_text(p) for p in out}
+    for name in names:
+        preset = find_preset(name)
+        keep = not out
+        for value, prompt in zip(preset.values, preset.prompts):
+            if normalize_text(prompt) in seen:
+                continue
+            seen.add(normalize_text(prompt))
+            out.append(prompt)
+            numbers.append(value if keep else max(numbers, default=0) + 1)
+    return out, numbers
 
 
 def load_vocabulary() -> list[VocabularyEntry]:
@@ -315,6 +405,34 @@ def _phrasing_index() -> tuple[dict[str, int], list[str], list[int]]:
             exact.setdefault(normalize_text(text), index)
     texts = list(exact)
     return exact, texts, [exact[t] for t in texts]
+
+
+@functools.lru_cache(maxsize=1)
+def _phrasing_modalities() -> dict[str, frozenset[str]]:
+    """Normalised phrasing -> the vocabulary modalities of every class that has it."""
+    found: dict[str, set[str]] = {}
+    for entry in _vocabulary():
+        for text in (entry.name, *entry.phrasings):
+            found.setdefault(normalize_text(text), set()).add(entry.modality)
+    return {text: frozenset(modalities) for text, modalities in found.items()}
+
+
+def prompt_modality(prompts: Sequence[str]) -> tuple[str | None, str]:
+    """The one vocabulary modality (``CT``, ``MR``, ``PET``, ``US``, ``Microscopy``) that every known prompt
+    belongs to, and a sentence saying so; ``(None, reason)`` when no prompt is known or the known prompts do not
+    share exactly one modality. A phrasing used in several modalities (``Liver``: CT and MR) narrows nothing
+    alone; with ``Liver in abdominal CT`` the prompts share CT. Unknown prompts are not counted."""
+    index = _phrasing_modalities()
+    known = [index[key] for key in (normalize_text(p) for p in prompts) if key in index]
+    if not known:
+        return None, "no prompt is a phrasing of the vocabulary"
+    shared = frozenset.intersection(*known)
+    if len(shared) != 1:
+        names = ", ".join(sorted(shared)) if shared else "none in common"
+        return None, f"the known prompts' modalities in the vocabulary: {names}"
+    modality = next(iter(shared))
+    return modality, (f"every known prompt ({len(known)} of {len(prompts)}) is a {modality} phrasing of the "
+                      "vocabulary")
 
 
 @functools.lru_cache(maxsize=4096)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import typer
+from rich.markup import escape
 
 from text3dsam_cli.cli.app import app, err_console, handle_errors
 from text3dsam_cli.errors import UsageError
@@ -21,7 +22,10 @@ def prompts_command(
     phrasings: bool = typer.Option(False, "--phrasings", "-p", help="Show every phrasing of each class."),
     limit: int = typer.Option(None, "--limit", help="At most this many classes.", min=1),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list of {name, modality, datasets, "
-                                 "phrasings} on stdout."),
+                                 "phrasings} on stdout (with --presets: {name, modality, prompts, labels, "
+                                 "instance})."),
+    presets: bool = typer.Option(False, "--presets", help="List the presets instead: one named prompt set per "
+                                 "training dataset (for 'segment --preset NAME'); QUERY filters their names."),
 ) -> None:
     """List or search the prompts the model knows: class name, modality, datasets and phrasings.
 
@@ -35,6 +39,9 @@ def prompts_command(
 
     if modality is not None and normalize_modality(modality) not in {e.modality for e in load_vocabulary()}:
         raise UsageError(f"--modality {modality!r}: use one of {', '.join(sorted(set(MODALITY_ALIASES.values())))}")
+    if presets:
+        _list_presets(query, modality, limit, phrasings, as_json)
+        return
     found = search_vocabulary(query or "", modality=modality, limit=limit)
     if as_json:
         typer.echo(json.dumps([entry.to_dict() for entry in found], indent=2, ensure_ascii=False))
@@ -53,3 +60,32 @@ def prompts_command(
     Console(soft_wrap=False).print(table)
     total = len(load_vocabulary())
     err_console.print(f"[dim]{len(found)} of {total} classes; phrasings: --phrasings; machine-readable: --json[/]")
+
+
+def _list_presets(query: str | None, modality: str | None, limit: int | None, prompts: bool, as_json: bool) -> None:
+    """``text3dsam prompts --presets``: name, modality, number of classes (``--phrasings``: their prompts)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from text3dsam_cli.prompts import load_presets, normalize_text
+
+    found = [p for p in load_presets(modality) if normalize_text(query or "") in normalize_text(p.name)]
+    found = found[:limit] if limit is not None else found
+    if as_json:
+        typer.echo(json.dumps([preset.to_dict() for preset in found], indent=2, ensure_ascii=False))
+        return
+    if not found:
+        err_console.print(f"no preset matches {query!r}" + (f" in {modality}" if modality else ""))
+        raise typer.Exit(1)
+    table = Table(show_lines=prompts)
+    table.add_column("Preset")
+    table.add_column("Modality")
+    table.add_column("Classes", justify="right")
+    table.add_column("Prompts (label: prompt)" if prompts else "First classes")
+    for preset in found:
+        pairs = [f"{v}: {p}" for v, p in zip(preset.values, preset.prompts)]
+        shown = "\n".join(pairs) if prompts else ", ".join(preset.prompts[:3]) + (", ..." if len(pairs) > 3 else "")
+        table.add_row(preset.name, preset.modality, str(len(pairs)), escape(shown))
+    Console(soft_wrap=False).print(table)
+    err_console.print(f"[dim]{len(found)} of {len(load_presets())} presets; prompts: --phrasings; machine-readable: "
+                      "--json; use: text3dsam segment SCAN --preset NAME[/]")

@@ -80,6 +80,9 @@ def segment_command(
                                         "Optional for challenge npz that carry text_prompts.", show_default=False),
     prompt_file: str = typer.Option(None, "--prompt-file", help='Prompts from a file: JSON {"1": "liver", '
                                     '"5": "spleen"} (label values as given) or one prompt per line.'),
+    preset: list[str] = typer.Option(None, "--preset", help="Also segment a named prompt set: one training "
+                                     "dataset's classes (e.g. CT_AMOS; 'text3dsam prompts --presets' lists them). "
+                                     "Repeatable; combines with PROMPT arguments and --prompt-file."),
     output: str = typer.Option(None, "--output", "-o", help=f"Output file ({formats.output_help()}, one input) "
                                "or folder (created). Default: ./text3dsam_output/."),
     model: str = typer.Option(None, "--model", "-m", help=MODEL_HELP),
@@ -95,8 +98,9 @@ def segment_command(
     fmt: str = typer.Option(None, "--format", help=formats.format_help()),
     series: str = typer.Option(None, "--series", help="SeriesInstanceUID to read from a DICOM folder "
                                "(default: the series with the most files)."),
-    modality: str = typer.Option(None, "--modality", help="CT, MR, PT, US, ... (default: DICOM tag, else a "
-                                 "heuristic: CT if the minimum is below -500)."),
+    modality: str = typer.Option(None, "--modality", help="CT, MR, PT, US, ... (default: the DICOM tag or a "
+                                 "BIDS suffix of the file name, else the prompts when all known ones belong to "
+                                 "one modality, else a heuristic: CT if the minimum is below -500)."),
     window: str = typer.Option("soft_tissue", "--window", help="CT window: soft_tissue (W400/L40), lung "
                                "(W1500/L-600), bone (W1500/L500) or 'level,width'."),
     orientation: str = typer.Option("auto", "--orientation", help="Voxel order the model sees: auto (the "
@@ -114,6 +118,9 @@ def segment_command(
     strict_prompts: bool = typer.Option(False, "--strict-prompts", help="Refuse prompts that are not phrasings "
                                         "the model was trained on (see 'text3dsam prompts'); default: warn."),
     rtstruct: bool = typer.Option(False, "--rtstruct", help=formats.RTStruct().help()),
+    statistics: bool = typer.Option(False, "--statistics", help="Add intensity statistics of the input's own "
+                                    "values (HU for CT) inside each label to the sidecar: mean, std, min, p5, "
+                                    "median, p95, max."),
     skip_existing: bool = typer.Option(False, "--skip-existing", help="Skip inputs that are done: their sidecar "
                                        "lists every output this run would write and all of them exist."),
     max_prompts: int = typer.Option(256, "--max-prompts", help="Refuse an input with more prompts than this "
@@ -137,7 +144,14 @@ def segment_command(
     from text3dsam_cli.io import expand_inputs, select_shard
     from text3dsam_cli.io.itk import silence_itk_warnings
     from text3dsam_cli.orientation import check_request
-    from text3dsam_cli.prompts import describe_unknown, match_prompt, read_prompt_file, unknown_prompts
+    from text3dsam_cli.prompts import (
+        add_presets,
+        describe_unknown,
+        find_preset,
+        match_prompt,
+        read_prompt_file,
+        unknown_prompts,
+    )
 
     def warn(message: str) -> None:
         err_console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
@@ -157,6 +171,9 @@ def segment_command(
         if prompts:
             raise UsageError("give PROMPT arguments or --prompt-file, not both")
         prompts, label_values = read_prompt_file(prompt_file)
+    presets = [find_preset(name).name for name in preset or []]  # usage error (exit 2) for an unknown name
+    if presets:
+        prompts, label_values = add_presets(presets, prompts, label_values)
     unknown = unknown_prompts(prompts)
     if strict_prompts and unknown:
         more = f"; also unknown: {', '.join(repr(p) for p, _ in unknown[1:])}" if len(unknown) > 1 else ""
@@ -188,7 +205,8 @@ def segment_command(
                              orientation=orientation, split=split, probabilities=probabilities, preview=preview,
                              dicom_seg=dicom_seg, rtstruct=rtstruct, skip_existing=skip_existing,
                              strict_prompts=strict_prompts, largest_component=largest_component,
-                             min_size_ml=min_size_ml, max_prompts=max_prompts or None)
+                             min_size_ml=min_size_ml, max_prompts=max_prompts or None, statistics=statistics,
+                             presets=tuple(presets))
     check_options(options)
     set_threads(threads)
     plan_outputs(items, options)  # usage errors (-o one file for several inputs) before the model loads
@@ -213,6 +231,9 @@ def segment_command(
             if not entry["vocabulary"]["known"] and entry["prompt"] not in warned:
                 warned.add(entry["prompt"])
                 warn(describe_unknown(entry["prompt"], match_prompt(entry["prompt"])))
+        warning = ((outcome.sidecar or {}).get("modality") or {}).get("warning")
+        if warning:
+            warn(f"{one_line(outcome.input)}: {warning}")
         if outcome.status == "ok":
             err_console.print(f"[green]done[/] {escape(one_line(outcome.input))} [dim]({outcome.seconds:.1f} s)[/]",
                               highlight=False)
