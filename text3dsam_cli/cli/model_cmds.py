@@ -19,7 +19,7 @@ MODEL_HELP = "Checkpoint folder or Hugging Face repo id (default: $TEXT3DSAM_MOD
 def download_command(
     model: str = typer.Argument(None, help=MODEL_HELP, show_default=False),
     revision: str = typer.Option(None, "--revision", help="Branch, tag or commit of the hub repo."),
-    vocabulary: str = typer.Option(None, "--vocabulary", help="Prompts JSON ({dataset: {label: \\[phrasings]}}, "
+    vocabulary: str = typer.Option(None, "--vocabulary", help="Prompts JSON ({dataset: {label: [phrasings]}}, "
                                    "like the challenge's) whose phrasings fill the prompt-embedding store "
                                    "(default: the packaged training vocabulary, when present)."),
     no_embedding_cache: bool = typer.Option(False, "--no-embedding-cache", help="Do not fill the "
