@@ -86,6 +86,7 @@ def check_help(typer_app, path, command, monkeypatch) -> None:
     output = _help(typer_app, path, monkeypatch)
     where = "text3dsam " + " ".join(path)
     assert not PLACEHOLDER.search(output), f"{where} --help shows a type placeholder: {PLACEHOLDER.search(output)[0]}"
+    assert "\\[" not in output, f"{where} --help shows an escaping backslash"
     usage = next(line for line in output.splitlines() if "Usage:" in line)
     assert not re.search(r"\{\w+\}", usage), f"{where}: usage shows a {{name}} placeholder: {usage.strip()}"
     check_texts(output, command, where)
@@ -156,6 +157,7 @@ def _toy_app() -> typer.Typer:
         where: Path = typer.Option(None, "--where", help="A path."),
         names: list[str] = typer.Option(None, "--name", help="Repeatable [name]."),
         size: str = typer.Option("1,2,3", "--size", metavar="D,H,W", help="An explicit metavar."),
+        legacy: str = typer.Option(None, "--legacy", help="Escaped by hand: pip install 'x\\[view]'."),
     ) -> None:
         """First command [with brackets].
 
@@ -180,7 +182,8 @@ def test_commands_added_later_get_clean_help(monkeypatch):
     flat = _flat(_help(toy, ["first"], monkeypatch))
     assert "Usage: root first [OPTIONS] PATHS..." in flat or "first [OPTIONS] PATHS..." in flat
     for expected in ("--count N", "--ratio NUMBER", "--where PATH", "--name NAME", "--size D,H,W",
-                     "--flag A flag [like --preview].", "Second paragraph, over two lines."):
+                     "--flag A flag [like --preview].", "Second paragraph, over two lines.",
+                     "pip install 'x[view]'."):
         assert expected in flat, expected
     assert "[ITEM]" in _flat(_help(toy, ["group", "second"], monkeypatch))
 

@@ -122,6 +122,11 @@ class HelpArgument(TyperArgument):
         return name + ("..." if self.nargs != 1 else "")
 
 
+def _unescape(text: str) -> str:
+    """``text`` without Rich escapes written by hand (``\\[view]``): it is escaped here, once, for every text."""
+    return text.replace("\\[", "[")
+
+
 def _join_lines(text: str) -> str:
     """Paragraphs of ``text`` (a docstring) with their single line breaks joined; ``\\b`` paragraphs and what
     follows a ``\\f`` line are kept as they are."""
@@ -145,7 +150,7 @@ def clean_param(param: Any) -> None:
     else:
         return
     if param.help:
-        param.help = escape(param.help)
+        param.help = escape(_unescape(param.help))
 
 
 def clean_command(command: Any) -> None:
@@ -163,7 +168,7 @@ def clean_command(command: Any) -> None:
     for attribute in ("help", "short_help", "epilog"):
         text = getattr(command, attribute, None)
         if text:
-            setattr(command, attribute, escape(_join_lines(text)))
+            setattr(command, attribute, escape(_unescape(_join_lines(text))))
     for sub in (getattr(command, "commands", None) or {}).values():
         clean_command(sub)
 
