@@ -80,6 +80,8 @@ def test_classifiers_are_known_and_cover_the_supported_pythons():
 
 
 def _build(tmp_path: Path) -> tuple[Path, Path]:
+    """sdist and wheel of this checkout, built offline with the installed setuptools (the `test` extra pins
+    setuptools >= 77, as the build system does)."""
     pytest.importorskip("build")
     out = tmp_path / "dist"
     subprocess.run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(ROOT)],
