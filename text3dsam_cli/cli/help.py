@@ -90,6 +90,18 @@ def derived_metavar(param: Any) -> str:
             return "N"
         if annotation is float:
             return "NUMBER"
+    else:  # Typer before its own parameter types: Click's
+        click_type = getattr(param, "type", None)
+        choices = getattr(click_type, "choices", None)
+        if choices:
+            return "|".join(dict.fromkeys(_bare(c) for c in choices))
+        kind = getattr(click_type, "name", "")
+        if kind in ("integer", "integer range"):
+            return "N"
+        if kind in ("float", "float range"):
+            return "NUMBER"
+        if kind in ("path", "file"):
+            return "PATH"
     return (param.name or "value").upper()
 
 
@@ -120,6 +132,9 @@ class HelpArgument(TyperArgument):
         if not self.required:
             name = f"[{name}]"
         return name + ("..." if self.nargs != 1 else "")
+
+    def make_metavar(self, *args: Any, **kwargs: Any) -> str:  # the usage line of Typer before 0.2x (Click's)
+        return self._usage_display_name()
 
 
 def _unescape(text: str) -> str:
