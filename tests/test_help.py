@@ -22,8 +22,10 @@ from text3dsam_cli.cli.help import HelpGroup
 
 runner = CliRunner()
 
-#: A type placeholder as Typer draws it: <bool>, <str>, <int range>, <list[str]>, <path>, ...
-PLACEHOLDER = re.compile(r"<[a-z][a-z_ ]*(\[[^\]>]*\])?>")
+#: A type placeholder as Typer draws it: <bool>, <str>, <int range>, <list[str]>, <path>, <xyz|zyx>, ... (a help
+#: text may still say ``<stem>.json``; the metavar column of every row is checked separately).
+PLACEHOLDER = re.compile(r"<(bool|str|int|float|path|file|dir|directory|text|uuid|datetime|bytes|[a-z]+ range"
+                         r"|(list|tuple)\[[^>]*\]|[\w.-]+(\|[\w.-]+)+)>")
 #: A metavar: capitals (``PATH``, ``D,H,W``, ``I/N``, ``PROMPT...``) or choices (``xyz|zyx``).
 METAVAR = re.compile(r"^([A-Z][A-Z0-9_,./|-]*|[a-z0-9_.]+(\|[a-z0-9_.]+)+)(\.\.\.)?$")
 BOX = re.compile(r"[│╭╮╰╯─]")
@@ -56,7 +58,14 @@ def _help(typer_app, path, monkeypatch) -> str:
 
 
 def _rows(output: str) -> list[list[str]]:
-    return [BOX.sub(" ", line).split() for line in output.splitlines() if line.lstrip().startswith("│")]
+    """The table rows' words; option names Typer joins with commas (``--output,--out``) are split."""
+    rows = []
+    for line in output.splitlines():
+        if line.lstrip().startswith("│"):
+            words = BOX.sub(" ", line).split()
+            rows.append([part for word in words
+                         for part in (word.split(",") if word.startswith("-") else [word])])
+    return rows
 
 
 def _row_of(rows: list[list[str]], names: list[str]) -> list[str]:
@@ -156,7 +165,7 @@ def _toy_app() -> typer.Typer:
         ratio: float = typer.Option(0.5, "--ratio", help="A fraction."),
         where: Path = typer.Option(None, "--where", help="A path."),
         names: list[str] = typer.Option(None, "--name", help="Repeatable [name]."),
-        size: str = typer.Option("1,2,3", "--size", metavar="D,H,W", help="An explicit metavar."),
+        size: str = typer.Option("1,2,3", "--size", "--shape", metavar="D,H,W", help="An explicit metavar."),
         legacy: str = typer.Option(None, "--legacy", help="Escaped by hand: pip install 'x\\[view]'."),
     ) -> None:
         """First command [with brackets].
@@ -180,8 +189,8 @@ def test_commands_added_later_get_clean_help(monkeypatch):
     for path, command in commands:
         check_help(toy, path, command, monkeypatch)
     flat = _flat(_help(toy, ["first"], monkeypatch))
-    assert "Usage: root first [OPTIONS] PATHS..." in flat or "first [OPTIONS] PATHS..." in flat
-    for expected in ("--count N", "--ratio NUMBER", "--where PATH", "--name NAME", "--size D,H,W",
+    assert "Usage: text3dsam first [OPTIONS] PATHS..." in flat
+    for expected in ("--count N", "--ratio NUMBER", "--where PATH", "--name NAME", "--size,--shape D,H,W",
                      "--flag A flag [like --preview].", "Second paragraph, over two lines.",
                      "pip install 'x[view]'."):
         assert expected in flat, expected
