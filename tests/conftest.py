@@ -13,6 +13,15 @@ SHARED = ROOT.parent / "shared"
 DATA = SHARED / "data"
 REFERENCE = SHARED / "reference"
 CHALLENGE = DATA / "challenge"
+#: Why every test is skipped when the shared folder is not beside the checkout (e.g. in an unpacked sdist).
+NO_SHARED = (f"the tests need the project's shared folder (reference numbers and real test data) at {SHARED}; "
+             "it is not there")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not SHARED.is_dir():
+        for item in items:
+            item.add_marker(pytest.mark.skip(reason=NO_SHARED))
 
 
 def _make_checkpoint_module():

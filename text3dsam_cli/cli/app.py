@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from text3dsam_cli import __version__
+from text3dsam_cli.cli.help import HelpGroup
 from text3dsam_cli.errors import Text3DSAMError, UsageError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -29,6 +30,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
+    cls=HelpGroup,  # clean help for every command: flags without placeholders, metavars, verbatim text
 )
 
 #: Progress, logs and errors go to stderr; stdout carries only machine-readable output.

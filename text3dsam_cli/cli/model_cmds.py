@@ -19,7 +19,7 @@ MODEL_HELP = "Checkpoint folder or Hugging Face repo id (default: $TEXT3DSAM_MOD
 def download_command(
     model: str = typer.Argument(None, help=MODEL_HELP, show_default=False),
     revision: str = typer.Option(None, "--revision", help="Branch, tag or commit of the hub repo."),
-    vocabulary: str = typer.Option(None, "--vocabulary", help="Prompts JSON ({dataset: {label: \\[phrasings]}}, "
+    vocabulary: str = typer.Option(None, "--vocabulary", help="Prompts JSON ({dataset: {label: [phrasings]}}, "
                                    "like the challenge's) whose phrasings fill the prompt-embedding store "
                                    "(default: the packaged training vocabulary, when present)."),
     no_embedding_cache: bool = typer.Option(False, "--no-embedding-cache", help="Do not fill the "
@@ -76,15 +76,58 @@ def _version(name: str) -> str | None:
         return None
 
 
+#: Extras for tests and development: not features, so ``info`` does not list them.
+DEVELOPMENT_EXTRAS = ("test", "tests", "dev", "docs")
+#: The core dependencies ``info`` reports when the package's metadata cannot be read (a source checkout).
+CORE_PACKAGES = ("torch", "tokenizers", "huggingface_hub", "safetensors", "SimpleITK", "nibabel", "pydicom",
+                 "monai", "numpy", "scipy", "typer")
+
+
+def _requirements() -> tuple[list[str], dict[str, list[str]]]:
+    """(core requirement names, {extra: requirement names}) from this package's metadata (pyproject); the
+    development extras are left out. Without metadata: (:data:`CORE_PACKAGES`, {})."""
+    import re
+    from importlib import metadata
+
+    try:
+        requires = metadata.requires("text3dsam-cli") or []
+    except metadata.PackageNotFoundError:
+        return list(CORE_PACKAGES), {}
+    core: list[str] = []
+    extras: dict[str, list[str]] = {}
+    for requirement in requires:
+        name = re.match(r"\s*([A-Za-z0-9._-]+)", requirement)
+        if not name or name.group(1).replace("_", "-").lower() == "text3dsam-cli":
+            continue
+        extra = re.search(r"extra\s*==\s*[\"']([^\"']+)[\"']", requirement)
+        if extra is None:
+            core.append(name.group(1))
+        elif extra.group(1) not in DEVELOPMENT_EXTRAS:
+            extras.setdefault(extra.group(1), []).append(name.group(1))
+    return core, extras
+
+
+def info_extras(extras: dict[str, list[str]]) -> dict[str, dict[str, Any]]:
+    """{extra: {"installed": every package present, "packages": {name: version or None}}}."""
+    out: dict[str, dict[str, Any]] = {}
+    for extra, names in sorted(extras.items()):
+        packages = {name: _version(name) for name in names}
+        out[extra] = {"installed": all(packages.values()), "packages": packages}
+    return out
+
+
 @app.command("info")
 @handle_errors
 def info_command(
     model: str = typer.Option(None, "--model", "-m", help=MODEL_HELP),
     revision: str = typer.Option(None, "--revision", help="Branch, tag or commit of the hub repo."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N or mps."),
-    as_json: bool = typer.Option(False, "--json", help="Print the information as JSON on stdout."),
+    as_json: bool = typer.Option(False, "--json", help="Print the information as JSON (instead of a table)."),
 ) -> None:
-    """Show the resolved model and revision (from the cache, without downloading), device and versions."""
+    """Show the resolved model and revision, device, optional extras and versions (on stdout).
+
+    info never downloads: it looks for the model in the Hugging Face cache only.
+    """
     import torch
 
     from text3dsam_cli.devices import resolve_device
@@ -102,28 +145,38 @@ def info_command(
                       "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
                       "cpu_threads": torch.get_num_threads()}
     info["hub"] = {"cache": str(hub_cache_dir()), "offline": hub_offline()}
-    info["versions"] = {name: _version(name) for name in
-                        ("torch", "tokenizers", "transformers", "huggingface_hub", "safetensors", "SimpleITK",
-                         "nibabel", "pydicom", "monai", "numpy", "typer", "highdicom")}
+    core, extras = _requirements()
+    info["extras"] = info_extras(extras)
+    info["versions"] = {name: _version(name) for name in core}
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return
+    from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(show_header=False, box=None)
     model_info = info["model"]
-    table.add_row("model", str(model_info.get("model")))
+    table.add_row("model", escape(str(model_info.get("model"))))
     if model_info.get("available") is False:
         table.add_row("", "[yellow]not in the cache[/] (run `text3dsam download`)")
     else:
-        table.add_row("revision", str(model_info.get("revision") or "main/default"))
+        table.add_row("revision", escape(str(model_info.get("revision") or "main/default")))
         table.add_row("commit", str(model_info.get("commit") or "-"))
-        table.add_row("path", str(model_info.get("path")))
+        table.add_row("path", escape(str(model_info.get("path"))))
     table.add_row("device", info["device"]["resolved"] + (f" ({', '.join(info['device']['cuda_devices'])})"
                                                           if info["device"]["cuda_devices"] else ""))
     table.add_row("cpu threads", str(info["device"]["cpu_threads"]))
-    table.add_row("HF cache", info["hub"]["cache"] + ("  (offline)" if info["hub"]["offline"] else ""))
+    table.add_row("HF cache", escape(info["hub"]["cache"]) + "  (info looks in the cache only)")
+    table.add_row("HF_HUB_OFFLINE", "set: segment and download use the cache only, never the network"
+                  if info["hub"]["offline"] else "not set: segment and download fetch missing weights")
     table.add_row("text3dsam", __version__)
+    for extra, state in info["extras"].items():
+        if state["installed"]:
+            text = ", ".join(f"{name} {version}" for name, version in state["packages"].items())
+        else:
+            text = escape(f"not installed (pip install 'text3dsam-cli[{extra}]')")
+        table.add_row(f"extra {extra}", text)
     for name, version in info["versions"].items():
         table.add_row(name, version or "-")
-    err_console.print(table)
+    Console(highlight=False, soft_wrap=True).print(table)
