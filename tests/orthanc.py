@@ -153,9 +153,12 @@ class Orthanc:
 
 class Relay:
     """A TCP relay on 127.0.0.1 in front of ``port``: records the bytes clients send (``sent``) and, for the first
-    ``cut_connections`` connections, closes the connection after ``cut_after`` bytes of the answer."""
+    ``cut_connections`` connections, closes the connection after ``cut_after`` bytes of the answer. With
+    ``certificate`` and ``key`` (PEM files) it terminates TLS, like a reverse proxy in front of a PACS (Debian's
+    Orthanc 1.10.1 itself crashes on its first HTTPS connection)."""
 
-    def __init__(self, port: int, cut_after: int | None = None, cut_connections: int = 0) -> None:
+    def __init__(self, port: int, cut_after: int | None = None, cut_connections: int = 0,
+                 certificate: Path | None = None, key: Path | None = None) -> None:
         self.target = port
         self.cut_after = cut_after
         self.cut_connections = cut_connections
@@ -163,6 +166,12 @@ class Relay:
         self.connections = 0
         self.cuts = 0
         self._lock = threading.Lock()
+        self._tls = None
+        if certificate is not None:
+            import ssl
+
+            self._tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self._tls.load_cert_chain(str(certificate), str(key))
         self._server = socket.create_server(("127.0.0.1", 0))
         self.port = self._server.getsockname()[1]
         self._stopped = False
@@ -170,7 +179,7 @@ class Relay:
 
     @property
     def dicomweb(self) -> str:
-        return f"http://127.0.0.1:{self.port}/dicom-web"
+        return f"{'https' if self._tls else 'http'}://127.0.0.1:{self.port}/dicom-web"
 
     def _accept(self) -> None:
         while not self._stopped:
@@ -178,6 +187,12 @@ class Relay:
                 client, _ = self._server.accept()
             except OSError:
                 return
+            if self._tls is not None:
+                try:
+                    client = self._tls.wrap_socket(client, server_side=True)
+                except OSError:  # the client refused our certificate
+                    client.close()
+                    continue
             with self._lock:
                 number = self.connections
                 self.connections += 1

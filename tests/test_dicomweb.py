@@ -6,6 +6,8 @@ transfers). No mock server: where the wire must be observed or cut, a TCP relay 
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import tempfile
 import threading
 import time
@@ -100,6 +102,7 @@ def labels_of(path: Path) -> tuple[np.ndarray, tuple]:
                                            image.GetDirection())
 
 
+@pytest.mark.slow
 def test_round_trip_retrieve_segment_store_and_skip(orthanc, small_checkpoint, tmp_path, monkeypatch):
     """The issue's acceptance: the URL gives the label map of the local folder, one SEG goes back referencing the
     source series, a rerun with --skip-existing stores nothing new."""
@@ -206,6 +209,7 @@ def test_server_stopped_exits_1_with_one_line(tmp_path, small_checkpoint):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+@pytest.mark.slow
 def test_refused_stow_leaves_no_outputs(orthanc, refusing, small_checkpoint, tmp_path):
     """A SEG the server refuses (HTTP 403), or answers with success but drops: one line with the URL and the
     HTTP status, exit 1, no local outputs; with --store-to the input's own server receives nothing."""
@@ -314,6 +318,29 @@ def test_connection_refused_is_retried_until_the_server_is_up(tmp_path, monkeypa
         assert time.monotonic() - t0 > 0.3
     finally:
         starter.join()
+        server.stop()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is needed to make a test certificate")
+def test_tls_is_verified_and_requests_ca_bundle_honoured(tmp_path, monkeypatch):
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(tmp_path / "key.pem"), "-out",
+                    str(tmp_path / "cert.pem")], check=True, capture_output=True)
+    server = Orthanc(tmp_path / "orthanc").start()
+    relay = Relay(server.http_port, certificate=tmp_path / "cert.pem", key=tmp_path / "key.pem")
+    try:
+        server.load(sorted(SERIES.iterdir()))
+        monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+        monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
+        untrusted = run("pacs", "search", relay.dicomweb)
+        assert untrusted.exit_code == 1
+        [line] = error_lines(untrusted)
+        assert relay.dicomweb in line and "certificate not verified" in line and "REQUESTS_CA_BUNDLE" in line
+        trusted = run("pacs", "search", relay.dicomweb, env={"REQUESTS_CA_BUNDLE": str(tmp_path / "cert.pem")})
+        assert trusted.exit_code == 0, trusted.output
+        assert trusted.stdout.splitlines() == [f"{relay.dicomweb}/studies/{STUDY_UID}"]
+    finally:
+        relay.close()
         server.stop()
 
 
