@@ -143,7 +143,7 @@ def test_round_trip_retrieve_segment_store_and_skip(orthanc, small_checkpoint, t
     again = run("segment", url, "brain", "--dicom-seg", "--store", "--skip-existing", "-o", tmp_path / "again",
                 "-m", small_checkpoint)
     assert again.exit_code == 0, again.output
-    assert "0 done, 1 skipped, 0 failed" in again.stderr
+    assert "0 done, 1 skipped, 0 failed" in again.stderr and "server holds its DICOM outputs" in again.stderr
     assert not (tmp_path / "again").exists() or not any((tmp_path / "again").iterdir())
     [still] = seg_series(orthanc)
     assert still["00201209"]["Value"] == [1]  # one instance in the one SEG series
@@ -153,6 +153,30 @@ def test_round_trip_retrieve_segment_store_and_skip(orthanc, small_checkpoint, t
     assert other.exit_code == 0, other.output
     assert "1 done, 0 skipped" in other.stderr and (tmp_path / "other" / f"{STUDY_UID}.seg.dcm").exists()
     assert len(seg_series(orthanc)) == 1
+
+
+@pytest.mark.slow
+def test_rtstruct_store_and_skip(tmp_path, small_checkpoint):
+    """--rtstruct --store: the RT Structure Set goes back referencing the series; --skip-existing finds it, but
+    not for a run that also wants a DICOM-SEG (not stored yet)."""
+    server = Orthanc(tmp_path / "orthanc").start()
+    try:
+        server.load(sorted(SERIES.iterdir()))
+        url = f"{server.dicomweb}/studies/{STUDY_UID}/series/{SERIES_UID}"
+        first = run("segment", url, "brain", "--rtstruct", "--store", "-o", tmp_path / "a", "-m", small_checkpoint)
+        assert first.exit_code == 0, first.output
+        sidecar = json.loads((tmp_path / "a" / f"{SERIES_UID}.json").read_text())
+        assert sidecar["dicomweb"]["store"]["objects"] == {"rtstruct": f"{SERIES_UID}.rtstruct.dcm"}
+        [rt] = server.get_json(f"/dicom-web/studies/{STUDY_UID}/series?Modality=RTSTRUCT")
+        assert rt["0020000E"]["Value"] == sidecar["dicomweb"]["store"]["series_instance_uids"]
+        again = run("segment", url, "brain", "--rtstruct", "--skip-existing", "-o", tmp_path / "b", "-m",
+                    small_checkpoint)
+        assert again.exit_code == 0 and "0 done, 1 skipped" in again.stderr, again.output
+        both = run("segment", url, "brain", "--rtstruct", "--dicom-seg", "--skip-existing", "-o", tmp_path / "c",
+                   "-m", small_checkpoint)
+        assert both.exit_code == 0 and "1 done, 0 skipped" in both.stderr, both.output
+    finally:
+        server.stop()
 
 
 def test_pacs_search_lists_the_study(orthanc):

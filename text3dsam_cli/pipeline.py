@@ -398,6 +398,7 @@ class SegmentRun:
         except UsageError as exc:
             raise CheckpointError(f"config.json: {exc}", segmenter.model.source.get("model")) from None
         self.on_event = on_event or (lambda kind, data: None)
+        self._on_server: set[int] = set()  # plans skipped because the DICOMweb server holds their outputs
 
     def _read(self, item: InputItem) -> Volume:
         if isinstance(item.path, dicomweb.DicomWebSource):
@@ -409,8 +410,11 @@ class SegmentRun:
         look-up marks the input failed)."""
         o = self.options
         try:
-            return dicomweb.already_stored(item.path, o.series_uid, self.prompts, model_name(self.segmenter),
-                                           [c.name for c in companions(o)], o.store_to, o.dicomweb_token)
+            stored = dicomweb.already_stored(item.path, o.series_uid, self.prompts, model_name(self.segmenter),
+                                             [c.name for c in companions(o)], o.store_to, o.dicomweb_token)
+            if stored:
+                self._on_server.add(id(plan))
+            return stored
         except Text3DSAMError as exc:
             plan.error = str(exc)
             return False
@@ -467,8 +471,9 @@ class SegmentRun:
             self.on_event("start", {"input": str(item.path), "output": str(plan.labels)})
             if plan.error is not None:
                 outcome = ItemOutcome(str(item.path), "failed", error=plan.error)
-            elif not do:
-                outcome = ItemOutcome(str(item.path), "skipped", [str(p) for p in plan.files])
+            elif not do:  # no local outputs listed when the server holds them (dicomweb.already_stored)
+                outcome = ItemOutcome(str(item.path), "skipped", [] if id(plan) in self._on_server else
+                                      [str(p) for p in plan.files])
             else:
                 try:
                     outcome = self._process(item, future, plan, claims)

@@ -230,8 +230,8 @@ def segment_command(
             if outcome.sidecar:
                 err_console.print(quality_table(outcome.sidecar.get("labels", [])))
         elif outcome.status == "skipped":
-            err_console.print(f"[yellow]skipped[/] {escape(one_line(outcome.input))} (done: its outputs are complete)",
-                              highlight=False)
+            why = "its outputs are complete" if outcome.outputs else "the DICOMweb server holds its DICOM outputs"
+            err_console.print(f"[yellow]skipped[/] {escape(one_line(outcome.input))} (done: {why})", highlight=False)
         else:
             if is_debug() and outcome.exception is not None:
                 err_console.print("".join(traceback.format_exception(outcome.exception)), markup=False)
