@@ -231,6 +231,12 @@ def test_server_stopped_exits_1_with_one_line(tmp_path, small_checkpoint):
     [line] = error_lines(result)
     assert url in line and "connection refused" in line and "after 3 retries" in line
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    # --skip-existing asks the server first: that failure is the same one line.
+    result = run("segment", url, "brain", "--dicom-seg", "--store", "--skip-existing", "-o", tmp_path / "out", "-m",
+                 small_checkpoint)
+    assert result.exit_code == 1
+    [line] = error_lines(result)
+    assert line.startswith(f"error: {url}: ") and "connection refused" in line
 
 
 @pytest.mark.slow

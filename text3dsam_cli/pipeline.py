@@ -416,7 +416,8 @@ class SegmentRun:
                 self._on_server.add(id(plan))
             return stored
         except Text3DSAMError as exc:
-            plan.error = str(exc)
+            text = str(exc)
+            plan.error = text if text.startswith(f"{item.path}: ") else f"{item.path}: {text}"
             return False
 
     def _prefetched(self, items: Sequence[InputItem], todo: Sequence[bool],
@@ -463,8 +464,10 @@ class SegmentRun:
             if problem is not None:
                 plan.error = problem if problem.startswith(f"{item.path}: ") else f"{item.path}: {problem}"
         clean_stale_temps(f for plan in plans if plan.error is None for f in (*plan.files, plan.marker))
-        todo = [plan.error is None and not (self.options.skip_existing and (is_done(plan) or self._stored(item, plan)))
-                and plan.error is None for item, plan in zip(items, plans)]
+        todo = []
+        for item, plan in zip(items, plans):  # _stored may mark a plan failed (the server could not be asked)
+            done = plan.error is None and self.options.skip_existing and (is_done(plan) or self._stored(item, plan))
+            todo.append(plan.error is None and not done)
         outcomes: list[ItemOutcome] = []
         for (item, future), plan, do in zip(self._prefetched(items, todo, early), plans, todo):
             t0 = time.perf_counter()
