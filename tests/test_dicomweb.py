@@ -395,3 +395,35 @@ def test_urls_never_show_credentials():
     env = {"DICOMWEB_USER": "u", "DICOMWEB_PASSWORD": "p"}
     assert (dicomweb.credentials(None, None, environ=env).user, dicomweb.credentials("x", None, environ=env).token) \
         == ("u", "x")
+
+
+def test_retry_rule_for_http_statuses(orthanc):
+    """502/503/504 are retried 3 times (then one line with the status); other statuses are not retried."""
+    import requests
+
+    client = dicomweb.Client(orthanc.dicomweb)
+
+    def failing(statuses):
+        calls = []
+
+        def action():
+            calls.append(1)
+            status = statuses[min(len(calls), len(statuses)) - 1]
+            if status == 200:
+                return "ok"
+            response = requests.Response()
+            response.status_code, response.reason = status, "Whatever"
+            raise requests.HTTPError(response=response)
+
+        return action, calls
+
+    action, calls = failing([503, 502, 200])
+    assert client.call("X", orthanc.dicomweb, action) == "ok" and len(calls) == 3
+    action, calls = failing([504])
+    with pytest.raises(dicomweb.DicomWebError, match=r"X failed: HTTP 504 Whatever after 3 retries") as info:
+        client.call("X", orthanc.dicomweb, action)
+    assert len(calls) == 4 and info.value.status == 504
+    action, calls = failing([404])
+    with pytest.raises(dicomweb.DicomWebError, match="HTTP 404"):
+        client.call("X", orthanc.dicomweb, action)
+    assert len(calls) == 1
