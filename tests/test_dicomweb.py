@@ -219,6 +219,28 @@ def test_missing_series_is_one_line_with_http_404(orthanc, small_checkpoint, tmp
     [line] = error_lines(result)
     assert url in line and "HTTP 404" in line
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    study = f"{orthanc.dicomweb}/studies/{STUDY_UID}"
+    result = run("segment", study, "brain", "--series", "1.2.3.999", "-o", tmp_path / "out", "-m", small_checkpoint)
+    assert result.exit_code == 1
+    [line] = error_lines(result)
+    assert line.startswith(f"error: {study}: ") and "--series 1.2.3.999: not a series of this study" in line
+
+
+def test_study_series_choice_skips_non_image_series(orthanc, monkeypatch):
+    """For a study URL: the image series with the most instances, never SEG/RTSTRUCT/SR/PR however large."""
+    client = dicomweb.Client(orthanc.dicomweb)
+    src = dicomweb.DicomWebSource(f"{orthanc.dicomweb}/studies/{STUDY_UID}")
+    assert client.choose_series(src) == SERIES_UID  # the real listing
+
+    def entry(uid, modality, count):
+        return {"0020000E": {"vr": "UI", "Value": [uid]}, "00080060": {"vr": "CS", "Value": [modality]},
+                "00201209": {"vr": "IS", "Value": [count]}}
+
+    listing = [entry("1.1", "SEG", 900), entry("1.2", "SR", 800), entry("1.3", "PR", 700),
+               entry("1.4", "RTSTRUCT", 600), entry("1.5", "CT", 20), entry("1.6", "CT", 120), entry("1.7", "MR", 50)]
+    monkeypatch.setattr(client, "series_of", lambda study, modality=None: listing)
+    assert client.choose_series(src) == "1.6"
+    assert client.choose_series(src, "1.7") == "1.7"
 
 
 def test_server_stopped_exits_1_with_one_line(tmp_path, small_checkpoint):
