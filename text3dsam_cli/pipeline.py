@@ -21,7 +21,7 @@ import numpy as np
 from text3dsam_cli import __version__
 from text3dsam_cli.errors import CheckpointError, InputError, Text3DSAMError, UsageError
 from text3dsam_cli.inference import SegmentationResult, Segmenter
-from text3dsam_cli.io import InputItem, Volume, formats, read_text_prompts, read_volume, write_volume
+from text3dsam_cli.io import InputItem, Volume, dicomweb, formats, read_text_prompts, read_volume, write_volume
 from text3dsam_cli.io.atomic import clean_stale_temps, write_json
 from text3dsam_cli.io.writers import SHEARED_NIFTI, is_orthogonal
 from text3dsam_cli.orientation import (
@@ -86,6 +86,9 @@ class SegmentOptions:
     max_prompts: int | None = DEFAULT_MAX_PROMPTS
     statistics: bool = False  # intensity statistics of the input's values per label (sidecar labels[i].intensity)
     presets: tuple[str, ...] = ()  # names of the presets among the prompts (recorded in the sidecar)
+    store: bool = False  # STOW-RS the DICOM outputs to the input's DICOMweb server, or to store_to (io/dicomweb.py)
+    store_to: str | None = None
+    dicomweb_token: str | None = field(default=None, repr=False)  # else $DICOMWEB_TOKEN; never written anywhere
 
 
 @dataclass
@@ -194,6 +197,7 @@ def plan_outputs(items: Sequence[InputItem], options: SegmentOptions) -> list[Pa
         outputs = []
         for item in items:
             outputs.append(folder / (f"{item.stem}{FORMATS[fmt]}" if fmt else item.name))
+    dicomweb.check_store((item.path for item in items), options.store, options.store_to, bool(companions(options)))
     inputs = {os.path.realpath(item.path) for item in items}
     for out in outputs:
         if os.path.realpath(out) in inputs:
@@ -376,6 +380,12 @@ def prepare_scan(volume: Volume, modality: str | None = None, window: str | tupl
                         modality=decision, window=window, orientation=info, reorientation=change)
 
 
+def model_name(segmenter: Segmenter) -> str:
+    """The model's name in DICOM outputs (algorithm name): the hub repo id, else ``Text3DSAM (<folder>)``."""
+    source = str(segmenter.model.source.get("model") or "Text3DSAM")
+    return source if segmenter.model.source.get("commit") else f"Text3DSAM ({Path(source).name})"
+
+
 class SegmentRun:
     """Runs a list of inputs through one :class:`Segmenter`, reading the next input while the current one infers."""
 
@@ -401,9 +411,27 @@ class SegmentRun:
         except UsageError as exc:
             raise CheckpointError(f"config.json: {exc}", segmenter.model.source.get("model")) from None
         self.on_event = on_event or (lambda kind, data: None)
+        self._on_server: set[int] = set()  # plans skipped because the DICOMweb server holds their outputs
 
     def _read(self, item: InputItem) -> Volume:
+        if isinstance(item.path, dicomweb.DicomWebSource):
+            return dicomweb.read_source(item.path, self.options.series_uid, self.options.dicomweb_token)
         return read_volume(item.path, series_uid=self.options.series_uid)
+
+    def _stored(self, item: InputItem, plan: OutputPlan) -> bool:
+        """``--skip-existing`` for a DICOMweb input: its DICOM outputs are on the server already (a failed
+        look-up marks the input failed)."""
+        o = self.options
+        try:
+            stored = dicomweb.already_stored(item.path, o.series_uid, self.prompts, model_name(self.segmenter),
+                                             [c.name for c in companions(o)], o.store_to, o.dicomweb_token)
+            if stored:
+                self._on_server.add(id(plan))
+            return stored
+        except Text3DSAMError as exc:
+            text = str(exc)
+            plan.error = text if text.startswith(f"{item.path}: ") else f"{item.path}: {text}"
+            return False
 
     def _prefetched(self, items: Sequence[InputItem], todo: Sequence[bool],
                     early: MutableMapping[int, Future] | None = None) -> Iterator[tuple[InputItem, Future]]:
@@ -449,15 +477,19 @@ class SegmentRun:
             if problem is not None:
                 plan.error = problem if problem.startswith(f"{item.path}: ") else f"{item.path}: {problem}"
         clean_stale_temps(f for plan in plans if plan.error is None for f in (*plan.files, plan.marker))
-        todo = [plan.error is None and not (self.options.skip_existing and is_done(plan)) for plan in plans]
+        todo = []
+        for item, plan in zip(items, plans):  # _stored may mark a plan failed (the server could not be asked)
+            done = plan.error is None and self.options.skip_existing and (is_done(plan) or self._stored(item, plan))
+            todo.append(plan.error is None and not done)
         outcomes: list[ItemOutcome] = []
         for (item, future), plan, do in zip(self._prefetched(items, todo, early), plans, todo):
             t0 = time.perf_counter()
             self.on_event("start", {"input": str(item.path), "output": str(plan.labels)})
             if plan.error is not None:
                 outcome = ItemOutcome(str(item.path), "failed", error=plan.error)
-            elif not do:
-                outcome = ItemOutcome(str(item.path), "skipped", [str(p) for p in plan.files])
+            elif not do:  # no local outputs listed when the server holds them (dicomweb.already_stored)
+                outcome = ItemOutcome(str(item.path), "skipped", [] if id(plan) in self._on_server else
+                                      [str(p) for p in plan.files])
             else:
                 try:
                     outcome = self._process(item, future, plan, claims)
@@ -471,6 +503,7 @@ class SegmentRun:
                     outcome = ItemOutcome(str(item.path), "failed", error=f"{item.path}: {type(exc).__name__}: {exc}",
                                           exception=exc)
             outcome.seconds = time.perf_counter() - t0
+            dicomweb.release([item.path])  # the temporary copy of a retrieved series
             outcomes.append(outcome)
             self.on_event("done", {"outcome": outcome})
         return RunSummary(outcomes, time.perf_counter() - start)
@@ -546,6 +579,11 @@ class SegmentRun:
                        "write": time.perf_counter() - t0}
             sidecar = build_sidecar(item, volume, result, dict(self.segmenter.model.source), scan.describe(),
                                     written, timings, scan.orientation, quality, intensity, o.presets)
+            if "dicomweb" in volume.meta or o.store or o.store_to:  # the server it came from, what went back
+                sidecar["dicomweb"] = dict(volume.meta.get("dicomweb", {}))
+                if o.store or o.store_to:
+                    sidecar["dicomweb"]["store"] = dicomweb.store_outputs(
+                        item.path, written, [c.name for c in wanted], o.store_to, o.dicomweb_token)
             write_json(final.sidecar, sidecar)
         except BaseException:  # nothing half-done stays: remove what this attempt wrote (the marker goes last)
             discard_attempt(final, created, before)
@@ -563,8 +601,7 @@ class SegmentRun:
             created.append(str(path))
             written[key] = str(path)
 
-        source = str(self.segmenter.model.source.get("model") or "Text3DSAM")
-        name = source if self.segmenter.model.source.get("commit") else f"Text3DSAM ({Path(source).name})"
+        name = model_name(self.segmenter)
         for companion in formats.COMPANION_FORMATS:  # first: the outputs most likely to be refused
             path = extras.get(companion.name)
             if path is not None:

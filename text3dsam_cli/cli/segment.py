@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # rich.table is imported where a table is drawn (start-up tim
 def _read_first(items: list[Any], series_uid: str | None) -> dict[int, Future]:
     """Start reading the first input on a thread of its own, so that it overlaps importing torch and loading the
     model (ISA-L and ITK release the GIL while they decompress); {index: future volume} for ``SegmentRun.run``."""
-    if not items or items[0].error is not None:
+    if not items or items[0].error is not None or items[0].kind == "dicomweb":  # a URL is read by the run
         return {}
     from concurrent.futures import ThreadPoolExecutor
 
@@ -74,8 +74,9 @@ def print_path(path: str) -> None:
 @app.command("segment")
 @handle_errors
 def segment_command(
-    input: str = typer.Argument(..., help=f"One input ({formats.input_help()}), a folder of those, or '-' to read "
-                                "paths from stdin (one per line).", show_default=False),
+    input: str = typer.Argument(..., help=f"One input ({formats.input_help()}), a folder of those, a DICOMweb "
+                                "study/series URL, or '-' to read paths or URLs from stdin (one per line).",
+                                show_default=False),
     prompts: list[str] = typer.Argument(None, help="Free-text prompts; label values 1..K in this order. "
                                         "Optional for challenge npz that carry text_prompts.", show_default=False),
     prompt_file: str = typer.Option(None, "--prompt-file", help='Prompts from a file: JSON {"1": "liver", '
@@ -122,7 +123,16 @@ def segment_command(
                                     "values (HU for CT) inside each label to the sidecar: mean, std, min, p5, "
                                     "median, p95, max."),
     skip_existing: bool = typer.Option(False, "--skip-existing", help="Skip inputs that are done: their sidecar "
-                                       "lists every output this run would write and all of them exist."),
+                                       "lists every output this run would write and all of them exist; for a "
+                                       "DICOMweb input, also when the server holds its SEG/RTSTRUCT from these "
+                                       "prompts."),
+    store: bool = typer.Option(False, "--store", help="Send the DICOM outputs (--dicom-seg, --rtstruct) with "
+                               "STOW-RS to the DICOMweb server the input came from (or --store-to); see docs/pacs.md."),
+    store_to: str = typer.Option(None, "--store-to", help="DICOMweb URL to store the DICOM outputs to (implies "
+                                 "--store)."),
+    dicomweb_token: str = typer.Option(None, "--dicomweb-token", help="Bearer token for DICOMweb URLs (default: "
+                                       "$DICOMWEB_TOKEN; basic auth: $DICOMWEB_USER/$DICOMWEB_PASSWORD).",
+                                       show_default=False),
     max_prompts: int = typer.Option(256, "--max-prompts", help="Refuse an input with more prompts than this "
                                     "(each prompt is decoded separately; 0: no limit)."),
     shard: str = typer.Option(None, "--shard", help="Process shard i of n of the input list ('i/n', 1-based), "
@@ -206,7 +216,8 @@ def segment_command(
                              dicom_seg=dicom_seg, rtstruct=rtstruct, skip_existing=skip_existing,
                              strict_prompts=strict_prompts, largest_component=largest_component,
                              min_size_ml=min_size_ml, max_prompts=max_prompts or None, statistics=statistics,
-                             presets=tuple(presets))
+                             presets=tuple(presets), store=store or bool(store_to), store_to=store_to,
+                             dicomweb_token=dicomweb_token)
     check_options(options)
     set_threads(threads)
     plan_outputs(items, options)  # usage errors (-o one file for several inputs) before the model loads
@@ -240,8 +251,8 @@ def segment_command(
             if outcome.sidecar:
                 err_console.print(quality_table(outcome.sidecar.get("labels", [])))
         elif outcome.status == "skipped":
-            err_console.print(f"[yellow]skipped[/] {escape(one_line(outcome.input))} (done: its outputs are complete)",
-                              highlight=False)
+            why = "its outputs are complete" if outcome.outputs else "the DICOMweb server holds its DICOM outputs"
+            err_console.print(f"[yellow]skipped[/] {escape(one_line(outcome.input))} (done: {why})", highlight=False)
         else:
             if is_debug() and outcome.exception is not None:
                 err_console.print("".join(traceback.format_exception(outcome.exception)), markup=False)

@@ -8,7 +8,9 @@ Rules (see ``docs/formats.md``):
 * a folder that directly holds DICOM image files and no other image files is one input: a DICOM series;
 * any other folder is a folder of inputs: its image files (hidden files and ``*_gt.npz`` ground-truth files
   skipped) plus each direct subfolder that is a DICOM series folder; deeper folders are not searched;
-* ``-`` reads more arguments from standard input, one path per line (blank lines ignored).
+* ``-`` reads more arguments from standard input, one path per line (blank lines ignored);
+* an ``http(s)://`` argument is a DICOMweb study or series URL (:mod:`text3dsam_cli.io.dicomweb`), one input
+  named by its last UID; nothing is fetched until it is read.
 
 Each input gets an output ``name``: ``<stem>`` plus its format's ``default_output`` (the input file name for
 ``.npz``, the challenge convention; ``<stem>.nii.gz`` for the others); the stem is the file name without its
@@ -28,7 +30,7 @@ from pathlib import Path
 from typing import TextIO
 
 from text3dsam_cli.errors import InputError, UsageError
-from text3dsam_cli.io import formats
+from text3dsam_cli.io import dicomweb, formats
 from text3dsam_cli.io.readers import image_format, strip_image_suffix
 
 GT_SUFFIX = "_gt.npz"
@@ -137,6 +139,11 @@ def _expand_one(arg: str) -> list[InputItem]:
     return [item]
 
 
+def _dicomweb_item(url: str) -> list[InputItem]:
+    source = dicomweb.DicomWebSource(url)
+    return [InputItem(path=source, kind=dicomweb.KIND, stem=source.name)]  # type: ignore[arg-type]
+
+
 def _read_list(stream: TextIO) -> list[str]:
     """Paths from a stream, one per line; bytes that are not UTF-8 are kept (``os.fsdecode``), not fatal."""
     raw = getattr(stream, "buffer", None)
@@ -216,7 +223,7 @@ def expand_inputs(args: Sequence[str | os.PathLike[str]], stdin: TextIO | None =
     items: list[InputItem] = []
     seen: set[Path] = set()
     for text in pending:
-        for item in _expand_one(text):
+        for item in _dicomweb_item(text) if dicomweb.is_url(text) else _expand_one(text):
             key = _resolved(item.path)
             if key not in seen:
                 seen.add(key)
