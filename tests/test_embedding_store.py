@@ -264,3 +264,16 @@ def test_store_with_wrong_shape_or_dtype_under_a_valid_stamp_is_rebuilt(small_mo
     assert torch.abs(got - fresh).max().item() < 1e-6
     with np.load(store.path) as data:  # rebuilt: right shape and dtype
         assert data["vectors"].shape == (3, width) and data["vectors"].dtype == np.float32
+
+
+def test_text_config_from_the_hf_cache_is_in_the_fingerprint(small_checkpoint, monkeypatch):
+    """No checkpoint file changes, but the cached config of the text model does: another fingerprint."""
+    import text3dsam_cli.model.loading as loading
+    from text3dsam_cli.model import load_model
+
+    plain = text_fingerprint(load_model(small_checkpoint))
+    monkeypatch.setattr(loading, "text_config_from_hub",
+                        lambda *args, **kwargs: {"hidden_act": "relu", "layer_norm_eps": 0.5})
+    cached = load_model(small_checkpoint)
+    assert cached.config.text_config["hidden_act"] == "relu"
+    assert text_fingerprint(cached) != plain

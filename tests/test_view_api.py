@@ -538,3 +538,20 @@ def test_real_server_on_127_0_0_2_with_a_given_token_and_bounded_bodies(ct_sessi
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_view_command_refuses_a_token_that_cannot_go_in_a_url(small_checkpoint):
+    for token in ("has space", "semi;colon", "é", ""):
+        result = CliRunner().invoke(cli_app, ["view", str(CT), "-m", str(small_checkpoint), "--no-browser",
+                                              "--port", str(_free_port()), "--token", token])
+        assert result.exit_code == 2, (token, result.output)
+        assert "--token" in result.output and "Traceback" not in result.output
+
+
+def test_printed_address_carries_the_token_and_the_bound_host():
+    from text3dsam_cli.view.server import allowed_hosts, url_for
+
+    assert url_for("127.0.0.2", 9000, "abc") == "http://127.0.0.2:9000/?token=abc"
+    assert url_for("::1", 9000, "abc") == "http://[::1]:9000/?token=abc"
+    assert url_for("0.0.0.0", 9000, "abc") == "http://127.0.0.1:9000/?token=abc"
+    assert "127.0.0.2" in allowed_hosts("127.0.0.2") and allowed_hosts("0.0.0.0") == ["*"]
