@@ -193,3 +193,87 @@ def test_warm_run_never_imports_the_text_stack(small_checkpoint, tmp_path):
     cold = np.load(tmp_path / "cold.npz")["segs"]
     warm = np.load(tmp_path / "warm.npz")["segs"]
     assert np.array_equal(cold, warm)
+
+
+def _copy_with_text_config(checkpoint: Path, target: Path, **changes) -> Path:
+    """A copy of ``checkpoint`` (same tensors, same tokenizer files) whose config.json states a text_config."""
+    import shutil
+
+    from text3dsam_cli.model import load_model
+
+    shutil.copytree(checkpoint, target)
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["text_config"] = {**load_model(checkpoint).config.text_config, **changes}
+    (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+def test_a_changed_text_config_is_another_fingerprint_and_never_reuses_vectors(small_checkpoint, tmp_path):
+    """The issue's probe: config.json with hidden_act relu and layer_norm_eps 0.5, same tensors."""
+    from text3dsam_cli.model import load_model
+
+    original = load_model(small_checkpoint)
+    stated = load_model(_copy_with_text_config(small_checkpoint, tmp_path / "same"))
+    changed = load_model(_copy_with_text_config(small_checkpoint, tmp_path / "relu", hidden_act="relu",
+                                                layer_norm_eps=0.5))
+    assert text_fingerprint(stated) == text_fingerprint(original)  # the same resolved config: the same vectors
+    assert text_fingerprint(changed) != text_fingerprint(original)
+    only_eps = load_model(_copy_with_text_config(small_checkpoint, tmp_path / "eps", layer_norm_eps=1e-5))
+    assert len({text_fingerprint(m) for m in (original, changed, only_eps)}) == 3  # every field counts
+
+    prompts = ["liver", "spleen"]
+    first = Segmenter(original, device="cpu").embed_prompts(prompts)
+    second = Segmenter(changed, device="cpu").embed_prompts(prompts)
+    fresh = Segmenter(changed, device="cpu", embedding_cache=False).embed_prompts(prompts)
+    assert torch.abs(second - fresh).max().item() < 1e-6  # the relu model's own vectors ...
+    assert torch.abs(second - first).max().item() > 1e-3  # ... not the first checkpoint's
+
+
+def test_fingerprint_covers_code_version_and_tokenize_settings(small_model, monkeypatch):
+    import text3dsam_cli.model.text3dsam as text3dsam_module
+    import text3dsam_cli.model.text_encoder as text_encoder_module
+
+    base = text_fingerprint(small_model)
+    monkeypatch.setattr(text_encoder_module, "TEXT_PATH_VERSION", "test-bump")
+    bumped = text_fingerprint(small_model)
+    monkeypatch.undo()
+    monkeypatch.setattr(text3dsam_module, "PROMPT_MAX_LENGTH", 128)
+    shorter = text_fingerprint(small_model)
+    assert len({base, bumped, shorter}) == 3
+
+
+@pytest.mark.parametrize(("vectors", "reason"), [
+    (lambda n, width: np.ones((n, 10), np.float32), "vectors of length 10"),
+    (lambda n, width: np.ones((n, width), np.float64), "not float32"),
+])
+def test_store_with_wrong_shape_or_dtype_under_a_valid_stamp_is_rebuilt(small_model, caplog, vectors, reason):
+    store = EmbeddingStore.for_model(small_model)
+    store.folder.mkdir(parents=True, exist_ok=True)
+    width = small_model.config.embed_dim
+    np.savez(store.path, prompts=np.asarray(["liver", "spleen"]), vectors=vectors(2, width),
+             fingerprint=np.asarray(store.fingerprint))
+    caplog.set_level(logging.WARNING)
+    segmenter = Segmenter(small_model, device="cpu")
+    got = segmenter.embed_prompts(["liver", "spleen"])  # was: RuntimeError: Sizes of tensors must match
+    segmenter.embed_prompts(["kidney"])
+    Segmenter(small_model, device="cpu").embed_prompts(["liver", "spleen", "kidney"])
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and str(store.path) in warnings[0] and reason in warnings[0], warnings
+    assert got.shape == (2, width)
+    fresh = Segmenter(small_model, device="cpu", embedding_cache=False).embed_prompts(["liver", "spleen"])
+    assert torch.abs(got - fresh).max().item() < 1e-6
+    with np.load(store.path) as data:  # rebuilt: right shape and dtype
+        assert data["vectors"].shape == (3, width) and data["vectors"].dtype == np.float32
+
+
+def test_text_config_from_the_hf_cache_is_in_the_fingerprint(small_checkpoint, monkeypatch):
+    """No checkpoint file changes, but the cached config of the text model does: another fingerprint."""
+    import text3dsam_cli.model.loading as loading
+    from text3dsam_cli.model import load_model
+
+    plain = text_fingerprint(load_model(small_checkpoint))
+    monkeypatch.setattr(loading, "text_config_from_hub",
+                        lambda *args, **kwargs: {"hidden_act": "relu", "layer_norm_eps": 0.5})
+    cached = load_model(small_checkpoint)
+    assert cached.config.text_config["hidden_act"] == "relu"
+    assert text_fingerprint(cached) != plain

@@ -374,3 +374,46 @@ def test_nifti_instance_case_from_labels_json(tmp_path):
     (tmp_path / "labels.json").write_text(json.dumps({"1": "nucleus", "instance_label": "yes"}))
     with pytest.raises(InputError, match="instance_label"):
         evaluate_folder(pred, gt, labels_json=tmp_path / "labels.json")
+
+
+def _nifti_pair(folders, gt_array: np.ndarray) -> tuple[Path, Path]:
+    """The TotalSegmentator example segmentation as prediction, ``gt_array`` on its grid as ground truth."""
+    pred, gt = folders
+    source = sitk.ReadImage(str(NIFTI / "example_seg.nii.gz"))
+    sitk.WriteImage(source, str(pred / "case.nii.gz"))
+    image = sitk.GetImageFromArray(gt_array)
+    image.CopyInformation(source)
+    sitk.WriteImage(image, str(gt / "case.nii.gz"))
+    return pred, gt
+
+
+@pytest.mark.parametrize("value", [2_000_000_000, -5, 1 << 24, 4_000_000_000])
+def test_ground_truth_label_out_of_range_is_named(folders, value):
+    """The issue's probe: values like 2,000,000,000 or -5 said "out of memory" (or scored silently)."""
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(NIFTI / "example_seg.nii.gz"))).astype(np.int64)
+    labels[labels == 5] = value
+    dtype = np.uint32 if value > 2**31 - 1 else np.int32
+    pred, gt = _nifti_pair(folders, labels.astype(dtype))
+    result = runner.invoke(app, ["eval", "--pred", str(pred), "--gt", str(gt)])
+    assert result.exit_code == 1
+    output = " ".join(result.output.split())
+    assert f"{gt / 'case.nii.gz'}: label value out of range: the ground truth holds {value}" in output, output
+    assert "out of memory" not in output and "Traceback" not in output
+    npz_pred, npz_gt = folders[0] / "CT_x.npz", folders[1] / "CT_x_gt.npz"
+    _write(npz_pred, segs=np.zeros((2, 2, 2), np.uint8))
+    _write(npz_gt, gts=np.full((2, 2, 2), value, dtype), spacing=np.ones(3))
+    failed = evaluate_folder(*folders)["failed"]["CT_x.npz"]
+    assert failed.startswith(f"{npz_gt}: label value out of range: 'gts' holds {value}"), failed
+
+
+def test_ground_truth_with_nan_says_so(folders):
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(NIFTI / "example_seg.nii.gz"))).astype(np.float32)
+    labels[3, 40, 50] = np.nan
+    pred, gt = _nifti_pair(folders, labels)
+    failed = evaluate_folder(pred, gt)["failed"]["case.nii.gz"]
+    assert failed == f"{gt / 'case.nii.gz'}: the ground truth holds NaN values: a label map holds whole numbers " \
+                     "0..16777215"
+    _write(folders[0] / "CT_x.npz", segs=np.zeros((2, 2, 2), np.uint8))
+    _write(folders[1] / "CT_x_gt.npz", gts=np.full((2, 2, 2), np.nan, np.float32), spacing=np.ones(3))
+    assert "'gts' holds NaN values" in evaluate_folder(*folders)["failed"]["CT_x.npz"]
+

@@ -190,3 +190,43 @@ def test_corrupt_dcm_file(tmp_path: Path) -> None:
     with pytest.raises(InputError) as info:
         read_volume(tmp_path / "broken.dcm")
     assert "broken.dcm" in str(info.value)
+
+
+def test_two_series_folder_warns_naming_the_other_and_the_sidecar_says_which(tmp_path: Path, small_checkpoint,
+                                                                              caplog) -> None:
+    """The issue's folder: Siemens (4 files, 256x256) + Hitachi (4 files, 64x64): one read, the other named."""
+    import json
+    import logging
+    import subprocess
+    import sys
+
+    folder = _two_series_folder(tmp_path, D2N / "siemens_anatomical_001" / "dicom",
+                                D2N / "hitachi_anatomical_001" / "dicom")
+    series = list_series(folder)
+    chosen, other = series
+    caplog.set_level(logging.WARNING)
+    volume = read_volume(folder)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and other.uid in warnings[0] and "--series" in warnings[0], warnings
+    assert volume.meta["dicom_series"] == {"StudyInstanceUID": chosen.study_uid, "SeriesInstanceUID": chosen.uid,
+                                           "SeriesDescription": chosen.description, "Modality": "MR"}
+    caplog.clear()
+    picked = read_volume(folder, series_uid=other.uid)  # chosen explicitly: no warning
+    assert picked.meta["dicom_series"]["SeriesInstanceUID"] == other.uid
+    read_volume(Path(other.files[0]))  # one file: its own series, no warning
+    read_volume(D2N / "siemens_anatomical_001" / "dicom")  # one series: no warning
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+    out = tmp_path / "seg.nii.gz"
+    proc = subprocess.run([sys.executable, "-m", "text3dsam_cli", "segment", str(folder), "brain", "-o", str(out),
+                           "-m", str(small_checkpoint), "--device", "cpu", "--mode", "whole"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    stderr = " ".join(proc.stderr.split())
+    assert f"not read: {other.uid}" in stderr and "--series UID" in stderr and str(folder) in stderr
+    assert stderr.count("DICOM image series") == 1
+    sidecar = json.loads(out.with_name("seg.json").read_text())
+    assert sidecar["dicom_series"]["SeriesInstanceUID"] == chosen.uid
+    assert sidecar["dicom_series"]["StudyInstanceUID"] == chosen.study_uid
+    assert set(sidecar["dicom_series"]) == {"StudyInstanceUID", "SeriesInstanceUID", "SeriesDescription", "Modality"}
+    assert sidecar["geometry"]["shape_zyx"] == list(volume.shape)

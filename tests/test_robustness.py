@@ -408,10 +408,16 @@ def test_nii_gz_written_through_isal_reads_back_like_itks_own(tmp_path):
     import gzip
 
     volume = read_volume(CT)
+    kept = gzip.decompress(write_volume(volume, tmp_path / "kept.nii.gz").read_bytes())
+    volume.meta.pop("nifti_header")  # without the input's own qform/sform (io/nifti_header.py): ITK's header
     ours = write_volume(volume, tmp_path / "ours.nii.gz")
     itk = tmp_path / "itk.nii.gz"
     sitk.WriteImage(sitk.ReadImage(str(CT)), str(itk), True)
     assert gzip.decompress(ours.read_bytes()) == gzip.decompress(itk.read_bytes())
+    # with them: the same file but for pixdim[0..3] (76..92) and the codes, quaternion and srows (252..328)
+    itk_bytes, raw = gzip.decompress(itk.read_bytes()), gzip.decompress(CT.read_bytes())
+    assert kept[:76] == itk_bytes[:76] and kept[92:252] == itk_bytes[92:252] and kept[328:] == itk_bytes[328:]
+    assert kept[252:328] == raw[252:328] and kept[76:92] == raw[76:92]
     assert _temps(tmp_path) == []
 
 

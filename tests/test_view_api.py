@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -46,6 +48,12 @@ class EncoderCounter:
         self._handle.remove()
 
 
+def authorized(app, **kwargs) -> TestClient:
+    """A test client of ``app`` that sends the app's access token with every request."""
+    return TestClient(app, base_url=kwargs.pop("base_url", BASE),
+                      headers={"Authorization": f"Bearer {app.state.token}"}, **kwargs)
+
+
 @pytest.fixture(scope="module")
 def ct_session(small_model):
     segmenter = Segmenter(small_model, device="cpu", mode="whole")
@@ -54,7 +62,7 @@ def ct_session(small_model):
 
 @pytest.fixture()
 def client(ct_session):
-    with TestClient(create_app(ct_session), base_url=BASE, raise_server_exceptions=False) as c:
+    with authorized(create_app(ct_session), raise_server_exceptions=False) as c:
         yield c
 
 
@@ -93,7 +101,7 @@ def _first_and_second_request(small_model):
     session = ViewSession(Segmenter(small_model, device="cpu", mode="whole"), read_volume(CT))
     counter = EncoderCounter(small_model)
     try:
-        with TestClient(create_app(session), base_url=BASE) as client:
+        with authorized(create_app(session)) as client:
             t0 = time.perf_counter()
             first = _post(client, ["liver"])
             t1 = time.perf_counter()
@@ -209,7 +217,7 @@ def test_bad_requests_get_json_4xx(client, body, content_type, status):
 
 def test_wrong_method_wrong_host_and_early_sidecar_are_json_errors(small_model):
     session = ViewSession(Segmenter(small_model, device="cpu", mode="whole"), read_volume(CT))
-    with TestClient(create_app(session), base_url=BASE) as client:
+    with authorized(create_app(session)) as client:
         assert client.get("/api/segment").status_code == 405
         assert client.get("/api/segment").json()["error"]
         early = client.get("/api/sidecar.json")
@@ -217,7 +225,7 @@ def test_wrong_method_wrong_host_and_early_sidecar_are_json_errors(small_model):
         empty = client.get("/api/labels.nii.gz")  # before any prompt: an all-zero map on the input grid
         assert empty.status_code == 200
         assert client.get("/api/vocabulary?limit=x").status_code == 400
-    with TestClient(create_app(session), base_url="http://evil.example:8765") as client:
+    with authorized(create_app(session), base_url="http://evil.example:8765") as client:
         response = client.get("/api/info")
         assert response.status_code == 400 and response.json()["error"] == "invalid Host header"
 
@@ -227,7 +235,7 @@ def test_a_bug_is_a_json_500_without_traceback(ct_session, monkeypatch):
         raise RuntimeError("secret internals")
 
     monkeypatch.setattr(ct_session, "segment", broken)
-    with TestClient(create_app(ct_session), base_url=BASE, raise_server_exceptions=False) as client:
+    with authorized(create_app(ct_session), raise_server_exceptions=False) as client:
         response = _post(client, ["liver"])
     assert response.status_code == 500
     assert response.json()["error"].startswith("internal error (RuntimeError)")
@@ -342,8 +350,10 @@ def test_view_command_serves_on_loopback_opens_the_browser_and_stops_on_ctrl_c(s
             assert proc.poll() is None, "".join(lines)
             assert time.monotonic() < deadline, "".join(lines)
             time.sleep(0.2)
-        assert url in "".join(lines)
-        assert opened.read_text() == url
+        printed = re.search(r"viewer at (http://\S+)", "".join(lines)).group(1)
+        token = printed.split("?token=", 1)[1]
+        assert printed == f"{url}?token={token}" and len(token) >= 40  # secrets.token_urlsafe(32)
+        assert opened.read_text() == printed
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
             sock.sendall(b"GET /static/../../../../etc/passwd HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
             raw = b""
@@ -352,7 +362,9 @@ def test_view_command_serves_on_loopback_opens_the_browser_and_stops_on_ctrl_c(s
         assert raw.startswith(b"HTTP/1.1 404") and b"root:" not in raw
         import httpx
 
-        answer = httpx.post(f"{url}api/segment", json={"prompts": ["liver"]}, timeout=120)
+        assert httpx.post(f"{url}api/segment", json={"prompts": ["liver"]}, timeout=30).status_code == 403
+        answer = httpx.post(f"{url}api/segment", json={"prompts": ["liver"]}, timeout=120,
+                            headers={"Authorization": f"Bearer {token}"})
         assert answer.status_code == 200 and answer.json()["timings"]["encode"] == 0  # encoded at start-up
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0
@@ -362,3 +374,184 @@ def test_view_command_serves_on_loopback_opens_the_browser_and_stops_on_ctrl_c(s
     reader.join(timeout=5)
     text = "".join(lines)
     assert "viewer stopped" in text and "Traceback" not in text
+
+
+# -- who may use the API (issue 19, item 2) -----------------------------------------------------------------------
+API_ROUTES = [("GET", "/api/info"), ("POST", "/api/segment"), ("GET", "/api/labels.nii.gz"),
+              ("GET", "/api/image.nii.gz"), ("GET", "/api/sidecar.json"), ("GET", "/api/vocabulary")]
+
+
+def test_every_api_request_needs_the_token_static_files_do_not(ct_session):
+    app = create_app(ct_session)
+    token = app.state.token
+    assert len(token) >= 40  # secrets.token_urlsafe(32)
+    assert create_app(ct_session).state.token != token  # one per server
+    with TestClient(app, base_url=BASE) as anonymous:
+        for method, path in API_ROUTES:
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {token}"},
+                            {"Authorization": f"Bearer {token[:-1]}"}, {"Cookie": f"text3dsam_view_8765={token}x"}):
+                response = anonymous.request(method, path, headers=headers, json={"prompts": ["liver"]})
+                assert response.status_code == 403, (path, headers, response.status_code)
+                assert response.headers["content-type"] == "application/json"
+                assert "token" in response.json()["error"]
+        assert anonymous.get("/").status_code == 200
+        assert anonymous.get("/static/app.js").status_code == 200
+        assert anonymous.get("/", params={"token": "wrong"}).status_code == 403
+    with TestClient(app, base_url=BASE, headers={"Authorization": f"Bearer {token}"}) as client:
+        assert client.get("/api/info").status_code == 200
+
+
+def test_opening_the_page_with_the_token_sets_a_strict_http_only_cookie(ct_session):
+    app = create_app(ct_session, token="a-given_token.1~")
+    with TestClient(app, base_url=BASE) as browser:
+        opened = browser.get("/?token=a-given_token.1~", follow_redirects=False)
+        assert opened.status_code == 303 and opened.headers["location"] == "/"  # token out of the address bar
+        cookie = opened.headers["set-cookie"]
+        assert cookie.startswith("text3dsam_view_8765=a-given_token.1~;")
+        assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/" in cookie
+        assert browser.get("/api/info").status_code == 200  # the cookie jar now holds it
+        assert browser.get("/").status_code == 200
+    with pytest.raises(Exception, match="--token"):
+        create_app(ct_session, token="has space")
+
+
+def test_cross_origin_and_non_json_posts_are_refused_and_change_nothing(ct_session):
+    app = create_app(ct_session)
+    with authorized(app, raise_server_exceptions=False) as client:
+        assert _post(client, ["liver"]).status_code == 200
+        before = client.get("/api/labels.nii.gz").content
+        # the issue's probe: a simple (no-preflight) cross-site POST, token or not
+        for headers in ({"Origin": "http://evil.example", "Content-Type": "text/plain; application/json"},
+                        {"Origin": "http://evil.example", "Content-Type": "application/json"},
+                        {"Origin": "null", "Content-Type": "application/json"},
+                        {"Origin": "http://127.0.0.1:9999", "Content-Type": "application/json"},
+                        {"Sec-Fetch-Site": "cross-site", "Content-Type": "application/json"},
+                        {"Sec-Fetch-Site": "same-site", "Content-Type": "application/json"}):
+            response = client.post("/api/segment", content=b'{"prompts":["kidney"]}', headers=headers)
+            assert response.status_code == 403, (headers, response.text)
+        for content_type in ("text/plain; application/json", "text/plain", "application/json-patch+json",
+                             "application/x-www-form-urlencoded", "multipart/form-data", ""):
+            response = client.post("/api/segment", content=b'{"prompts":["kidney"]}',
+                                   headers={"Content-Type": content_type})
+            assert response.status_code == 415, (content_type, response.text)
+        assert client.get("/api/labels.nii.gz").content == before  # the session's map is untouched
+        assert client.get("/api/sidecar.json").json()["prompts"] == {"liver": 1}
+        same = client.post("/api/segment", content=b'{"prompts":[]}', headers={
+            "Origin": BASE, "Sec-Fetch-Site": "same-origin", "Content-Type": "application/json; charset=utf-8"})
+        assert same.status_code == 200, same.text
+
+
+@pytest.mark.parametrize(("body", "status", "message"), [
+    (b'{"prompts": ' + b"[" * 30000 + b"]" * 30000 + b"}", 400, "nested too deeply"),
+    (b'{"prompts": ["\\ud800 liver"]}', 400, "unpaired surrogate"),
+    (b'{"prompts": ["\\udfff"]}', 400, "unpaired surrogate"),
+])
+def test_deep_nesting_and_unpaired_surrogates_are_400(client, body, status, message):
+    response = client.post("/api/segment", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]
+
+
+def test_host_header_is_parsed_strictly(ct_session):
+    app = create_app(ct_session, allowed_hosts=["127.0.0.1", "localhost", "127.0.0.2"])
+    with authorized(app) as client:
+        for host in ("127.0.0.1:8765", "127.0.0.1", "LOCALHOST:8765", "127.0.0.2:8765"):
+            assert client.get("/api/info", headers={"Host": host}).status_code == 200, host
+        for host in ("127.0.0.1:8765@evil.com", "evil.com#@127.0.0.1", "127.0.0.1:8765/x", "127.0.0.1:abc",
+                     "127.0.0.1:99999", "127.0.0.1 evil.com", "", "evil.com", "127.0.0.3:8765", "user@127.0.0.1"):
+            response = client.get("/api/info", headers={"Host": host})
+            assert response.status_code == 400, host
+            assert response.json()["error"] == "invalid Host header"
+
+
+def _raw_exchange(port: int, head: bytes, body_chunks=None, host: str = "127.0.0.2") -> tuple[bytes, int]:
+    """Send ``head`` (+ chunks until the server answers); the answer and how many body bytes went out."""
+    sent = 0
+    with socket.create_connection((host, port), timeout=30) as sock:
+        sock.sendall(head)
+        sock.setblocking(False)
+        raw = b""
+        for chunk in body_chunks or []:
+            with contextlib.suppress(BlockingIOError):
+                raw += sock.recv(65536)
+            if raw:
+                break
+            try:
+                sock.sendall(chunk)
+            except (BlockingIOError, BrokenPipeError, ConnectionResetError):
+                break
+            sent += len(chunk)
+            time.sleep(0.002)
+        sock.setblocking(True)
+        try:
+            while chunk := sock.recv(65536):
+                raw += chunk
+                if b"\r\n\r\n" in raw and raw.rstrip().endswith(b"}"):
+                    break
+        except (ConnectionResetError, TimeoutError):
+            pass
+    return raw, sent
+
+
+def test_real_server_on_127_0_0_2_with_a_given_token_and_bounded_bodies(ct_session):
+    """The printed address works for --host 127.0.0.2; big bodies are refused before they are read."""
+    import httpx
+
+    from text3dsam_cli.view.server import make_server
+
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.2", 0))
+        except OSError:
+            pytest.skip("127.0.0.2 is not a loopback address here")
+        port = sock.getsockname()[1]
+    server, url = make_server(ct_session, "127.0.0.2", port, token="given-token")
+    assert url == f"http://127.0.0.2:{port}/?token=given-token"
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+            time.sleep(0.05)
+        with httpx.Client(timeout=60, follow_redirects=True) as browser:
+            page = browser.get(url)  # follows the redirect to / with the cookie set
+            assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+            assert str(page.url) == f"http://127.0.0.2:{port}/"
+            assert browser.get(f"http://127.0.0.2:{port}/api/info").status_code == 200
+        assert httpx.get(f"http://127.0.0.2:{port}/api/info").status_code == 403
+
+        auth = b"Authorization: Bearer given-token\r\nContent-Type: application/json\r\n"
+        start = f"POST /api/segment HTTP/1.1\r\nHost: 127.0.0.2:{port}\r\n".encode()
+        # 300 MB announced, nothing sent: answered at once (the server does not wait to read it)
+        raw, _ = _raw_exchange(port, start + auth + b"Content-Length: 300000000\r\n\r\n")
+        assert raw.startswith(b"HTTP/1.1 413"), raw[:200]
+        # a chunked body that never ends: refused after about 64 KB
+        chunk = b"4000\r\n" + b"[" * 0x4000 + b"\r\n"
+        raw, sent = _raw_exchange(port, start + auth + b"Transfer-Encoding: chunked\r\n\r\n", [chunk] * 2000)
+        assert raw.startswith(b"HTTP/1.1 413"), raw[:200]
+        print(f"chunked body: {sent} bytes sent before the 413")
+        assert sent < 4 * 1024 * 1024, sent  # the sender stopped long before its 32 MB
+        raw, _ = _raw_exchange(port, f"GET /api/info HTTP/1.1\r\nHost: 127.0.0.1:{port}@evil.com\r\n"
+                               "Authorization: Bearer given-token\r\nConnection: close\r\n\r\n".encode())
+        assert raw.startswith(b"HTTP/1.1 400") and b"invalid Host header" in raw
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_view_command_refuses_a_token_that_cannot_go_in_a_url(small_checkpoint):
+    for token in ("has space", "semi;colon", "é", ""):
+        result = CliRunner().invoke(cli_app, ["view", str(CT), "-m", str(small_checkpoint), "--no-browser",
+                                              "--port", str(_free_port()), "--token", token])
+        assert result.exit_code == 2, (token, result.output)
+        assert "--token" in result.output and "Traceback" not in result.output
+
+
+def test_printed_address_carries_the_token_and_the_bound_host():
+    from text3dsam_cli.view.server import allowed_hosts, url_for
+
+    assert url_for("127.0.0.2", 9000, "abc") == "http://127.0.0.2:9000/?token=abc"
+    assert url_for("::1", 9000, "abc") == "http://[::1]:9000/?token=abc"
+    assert url_for("0.0.0.0", 9000, "abc") == "http://127.0.0.1:9000/?token=abc"
+    assert "127.0.0.2" in allowed_hosts("127.0.0.2") and allowed_hosts("0.0.0.0") == ["*"]

@@ -41,26 +41,24 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def server(small_model):
-    """The viewer for the CT example and the small checkpoint, on a free loopback port, in a thread."""
-    import uvicorn
-
+    """The viewer for the CT example and the small checkpoint, on a free loopback port, in a thread: its
+    origin and the address ``text3dsam view`` prints and opens (access token included)."""
     from text3dsam_cli.inference import Segmenter
     from text3dsam_cli.view import ViewSession
-    from text3dsam_cli.view.app import create_app
+    from text3dsam_cli.view.server import make_server
 
     session = ViewSession.open(str(CT), Segmenter(small_model, device="cpu", mode="whole"))
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    config = uvicorn.Config(create_app(session), host="127.0.0.1", port=port, log_level="warning", lifespan="off")
-    server = uvicorn.Server(config)
+    server, url = make_server(session, "127.0.0.1", port)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started:
         assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
+    yield f"http://127.0.0.1:{port}", url
     server.should_exit = True
     thread.join(timeout=10)
 
@@ -119,7 +117,10 @@ def test_page_draws_the_scan_and_a_typed_prompt_shows_overlay_and_legend(server,
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
-    browser.get(server + "/")
+    server, printed = server
+    assert printed.startswith(server + "/?token=")
+    browser.get(printed)
+    assert browser.current_url == server + "/"  # the token went into a cookie, out of the address bar
     _wait(browser, lambda d: d.execute_script("return document.body.dataset.ready === '1'"), 90, "the scan")
     time.sleep(1.0)  # let NiiVue finish its first frames
     before = _canvas_pixels(browser)

@@ -1,13 +1,15 @@
 """Prompt-embedding store: the projected text embedding of each prompt, kept on disk between runs.
 
 A run whose prompts are all stored never tokenizes or runs the text encoder (and never imports a tokenizer).
-Vectors are keyed by a fingerprint of the text-encoder and projector tensors plus the tokenizer files, so a
-finetuned model never reuses another model's vectors. One file per fingerprint,
-``<cache>/embeddings/<fingerprint>.npz`` (arrays ``prompts`` and ``vectors``, no pickles), where ``<cache>`` is
-``$TEXT3DSAM_CACHE``, else ``$XDG_CACHE_HOME/text3dsam``, else ``~/.cache/text3dsam``.
+Vectors are keyed by a fingerprint of everything that decides a prompt's embedding (:func:`text_fingerprint`:
+the resolved text config, the text-encoder and projector tensors, the tokenizer files and settings, and the
+version of the text path's code), so another or finetuned model never reuses a model's vectors. One file per
+fingerprint, ``<cache>/embeddings/<fingerprint>.npz`` (arrays ``prompts`` and ``vectors``, no pickles), where
+``<cache>`` is ``$TEXT3DSAM_CACHE``, else ``$XDG_CACHE_HOME/text3dsam``, else ``~/.cache/text3dsam``.
 
 Concurrent writers (shards of one job) merge under an advisory file lock and replace the file atomically, so a
-reader sees either the old or the new store, never a partial one. An unreadable store is rebuilt with one warning;
+reader sees either the old or the new store, never a partial one. An unreadable store, or one whose vectors have
+the wrong shape or dtype for the model, is rebuilt with one warning naming the file;
 a store that cannot be written is skipped with one warning. Embeddings are computed and stored in float32.
 """
 
@@ -56,8 +58,17 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
 
 
 def text_fingerprint(model: Text3DSAM) -> str:
-    """Hash of everything that maps a prompt to its embedding: text-encoder and projector tensors, tokenizer."""
-    digest = hashlib.sha256(f"text3dsam-embeddings-v{STORE_VERSION}\0".encode())
+    """Hash of everything that maps a prompt to its embedding: the resolved text config (every field, wherever it
+    came from: the checkpoint, the HF cache of the text model, or the tensors), the tokenizer files and the
+    settings prompts are tokenized with, the text-encoder and projector tensors, the projector's width, and
+    :data:`~text3dsam_cli.model.text_encoder.TEXT_PATH_VERSION` (the text path's code)."""
+    from text3dsam_cli.model.text3dsam import PROMPT_MAX_LENGTH
+    from text3dsam_cli.model.text_encoder import TEXT_PATH_VERSION
+
+    digest = hashlib.sha256(f"text3dsam-embeddings-v{STORE_VERSION}\0code-v{TEXT_PATH_VERSION}\0".encode())
+    text_config = json.dumps(model.config.text_config, sort_keys=True, default=repr, allow_nan=True)
+    digest.update(f"text_config {text_config}\0embed_dim {model.config.embed_dim}\0".encode())
+    digest.update(f"tokenize max_length={PROMPT_MAX_LENGTH} truncation padding=longest\0".encode())
     digest.update(model.tokenizer_digest().encode() + b"\0")
     for key, tensor in model.state_dict().items():
         if key.startswith(TEXT_PREFIXES):
@@ -85,8 +96,9 @@ def _locked(path: Path) -> Iterator[None]:
 class EmbeddingStore:
     """Prompt -> float32 vector for one text-encoder fingerprint, backed by one ``.npz`` file."""
 
-    def __init__(self, fingerprint: str, root: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, fingerprint: str, root: str | os.PathLike[str] | None = None, width: int | None = None) -> None:
         self.fingerprint = fingerprint
+        self.width = width  # the vectors' length (the model's embed_dim); None: not checked
         self.folder = Path(root) if root is not None else cache_root() / "embeddings"
         self.path = self.folder / f"{fingerprint}.npz"
         self._vectors: dict[str, np.ndarray] | None = None
@@ -94,8 +106,8 @@ class EmbeddingStore:
 
     @classmethod
     def for_model(cls, model: Text3DSAM, root: str | os.PathLike[str] | None = None) -> EmbeddingStore:
-        """The store of ``model``'s text encoder."""
-        return cls(text_fingerprint(model), root)
+        """The store of ``model``'s text encoder (vectors of length ``embed_dim``)."""
+        return cls(text_fingerprint(model), root, width=int(model.config.embed_dim))
 
     def _warn(self, message: str) -> None:
         if not self._warned:
@@ -109,10 +121,14 @@ class EmbeddingStore:
         try:
             with np.load(self.path, allow_pickle=False) as data:
                 prompts = [str(p) for p in data["prompts"]]
-                vectors = np.asarray(data["vectors"], dtype=np.float32)
+                vectors = np.asarray(data["vectors"])
                 stamp = str(data["fingerprint"]) if "fingerprint" in data.files else None
             if vectors.ndim != 2 or vectors.shape[0] != len(prompts) or stamp != self.fingerprint:
                 raise ValueError("inconsistent contents")
+            if vectors.dtype != np.float32:
+                raise ValueError(f"vectors are {vectors.dtype}, not float32")
+            if self.width is not None and vectors.shape[1] != self.width:
+                raise ValueError(f"vectors of length {vectors.shape[1]}, but the model's are {self.width}")
             if not np.isfinite(vectors).all():
                 raise ValueError("non-finite vectors")
         except Exception as exc:  # any damage: start over (the vectors are recomputed on demand)
@@ -141,6 +157,8 @@ class EmbeddingStore:
         if not new:
             return
         fresh = {str(p): np.asarray(v, dtype=np.float32).reshape(-1) for p, v in new.items()}
+        if self.width is not None and any(v.shape != (self.width,) for v in fresh.values()):
+            raise ValueError(f"prompt embeddings must have length {self.width}")
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             with _locked(self.folder / f".{self.fingerprint}.lock"):

@@ -42,7 +42,7 @@ import numpy as np
 from text3dsam_cli.errors import InputError, Text3DSAMError, UsageError
 from text3dsam_cli.io import formats
 from text3dsam_cli.io.atomic import write_text
-from text3dsam_cli.io.npz import npz_keys, read_npz_array, read_text_prompts
+from text3dsam_cli.io.npz import NonFiniteValues, npz_keys, read_npz_array, read_text_prompts
 from text3dsam_cli.io.readers import read_volume
 from text3dsam_cli.io.volume import Volume
 from text3dsam_cli.metrics import instance_f1_dsc_tp, nan_mean, semantic_case_metrics
@@ -67,6 +67,8 @@ CSV_COLUMNS = ("CaseName", *SEMANTIC_METRICS, *INSTANCE_METRICS)
 #: Label-image prediction endings understood (from the format registry: label maps that carry geometry).
 LABEL_IMAGE_SUFFIXES = formats.label_image_suffixes()
 NPZ_SUFFIX = formats.ChallengeNpz.suffixes[0]
+#: Largest label value (class or instance id) eval accepts: the metrics index labels with tables this long.
+MAX_LABEL_VALUE = (1 << 24) - 1
 
 
 @dataclass
@@ -134,21 +136,38 @@ def _find_cases(pred_dir: Path, gt_dir: Path, images_dir: Path | None) -> tuple[
     return cases, failed
 
 
-def _as_labels(array: np.ndarray, path: Path, key: str) -> np.ndarray:
-    """Check a label map: 3-D, integer (or boolean, or float holding whole numbers)."""
+def _as_labels(array: np.ndarray, path: Path, what: str) -> np.ndarray:
+    """Check a label map: 3-D, integer (or boolean, or float holding whole numbers), values 0..MAX_LABEL_VALUE.
+    ``what`` names it in messages (``'gts'``, ``the ground truth``, ...)."""
     if array.ndim != 3:
-        raise InputError(f"'{key}' has shape {array.shape}, expected a 3-D label map", path)
-    if array.dtype.kind in "biu":
-        return array
-    if array.dtype.kind == "f" and np.all(np.isfinite(array)) and np.array_equal(array, np.round(array)):
-        return array.astype(np.int32)
-    raise InputError(f"'{key}' has dtype {array.dtype}, expected integer labels", path)
+        raise InputError(f"{what} has shape {array.shape}, expected a 3-D label map", path)
+    if array.dtype.kind == "f":
+        if not np.all(np.isfinite(array)):
+            kind = "NaN" if np.isnan(array).any() else "infinite"
+            raise InputError(f"{what} holds {kind} values: a label map holds whole numbers 0..{MAX_LABEL_VALUE}",
+                             path)
+        if not np.array_equal(array, np.round(array)):
+            raise InputError(f"{what} has dtype {array.dtype} with fractional values, expected integer labels", path)
+    elif array.dtype.kind not in "biu":
+        raise InputError(f"{what} has dtype {array.dtype}, expected integer labels", path)
+    if array.size and array.dtype.kind != "b" and not (array.dtype.kind == "u" and array.dtype.itemsize <= 2):
+        low, high = array.min(), array.max()
+        if low < 0 or high > MAX_LABEL_VALUE:
+            bad = low if low < 0 else high
+            raise InputError(f"label value out of range: {what} holds {bad:.15g} (labels are whole numbers "
+                             f"0..{MAX_LABEL_VALUE})", path)
+    return array.astype(np.int32) if array.dtype.kind == "f" else array
 
 
-def _read_label_image(path: Path) -> Volume:
-    """A label image as a :class:`Volume` whose array has passed :func:`_as_labels`."""
-    volume = read_volume(path)
-    volume.array = _as_labels(np.asarray(volume.array), path, "image")
+def _read_label_image(path: Path, role: str) -> Volume:
+    """A label image (``role``: "ground truth" or "prediction") as a :class:`Volume` whose array has passed
+    :func:`_as_labels`."""
+    try:
+        volume = read_volume(path)
+    except NonFiniteValues as exc:
+        raise InputError(f"the {role} holds {exc.kind} values: a label map holds whole numbers "
+                         f"0..{MAX_LABEL_VALUE}", path) from None
+    volume.array = _as_labels(np.asarray(volume.array), path, f"the {role}")
     return volume
 
 
@@ -206,8 +225,8 @@ def _stored_spacing(path: Path, keys: list[str]) -> tuple[float, ...] | None:
 def _npz_case_info(case: _Case, labels: tuple[list[int] | None, bool | None]
                    ) -> tuple[np.ndarray, np.ndarray, tuple[float, ...] | None, list[int] | None, bool]:
     """Prediction, ground truth, stored spacing, prompted class ids and instance flag of an npz case."""
-    pred = _as_labels(read_npz_array(case.pred_path, "segs"), case.pred_path, "segs")
-    gt = _as_labels(read_npz_array(case.gt_path, "gts"), case.gt_path, "gts")
+    pred = _as_labels(read_npz_array(case.pred_path, "segs"), case.pred_path, "'segs'")
+    gt = _as_labels(read_npz_array(case.gt_path, "gts"), case.gt_path, "'gts'")
     if pred.shape != gt.shape:
         raise InputError(f"prediction shape {pred.shape} differs from the ground truth's {gt.shape} "
                          f"({case.gt_path})", case.pred_path)
@@ -235,8 +254,8 @@ def _evaluate_case(case: _Case, spacing_order: str, labels: tuple[list[int] | No
     if case.suffix == NPZ_SUFFIX:
         pred, gt, stored, class_ids, instance = _npz_case_info(case, labels)
     else:
-        gt_volume = _read_label_image(case.gt_path)
-        pred = align_to_reference(_read_label_image(case.pred_path), gt_volume, case.pred_path)
+        gt_volume = _read_label_image(case.gt_path, "ground truth")
+        pred = align_to_reference(_read_label_image(case.pred_path, "prediction"), gt_volume, case.pred_path)
         gt, stored = np.asarray(gt_volume.array), gt_volume.spacing
         class_ids, instance = labels[0], bool(labels[1])
     if instance:

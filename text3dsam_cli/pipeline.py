@@ -284,6 +284,7 @@ def build_sidecar(item: InputItem, volume: Volume, result: SegmentationResult, m
                    for entry in label_statistics(result.labels, result.label_values, result.prompts,
                                                  volume.voxel_volume_ml, quality)],
         "geometry": volume.geometry(),
+        **({"dicom_series": volume.meta["dicom_series"]} if "dicom_series" in volume.meta else {}),
         "outputs": outputs,
         "timings_s": {k: round(v, 4) for k, v in timings.items()},
     }

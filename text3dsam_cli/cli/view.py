@@ -26,28 +26,34 @@ def view_command(
     modality: str = typer.Option(None, "--modality", help="CT, MR, PT, US, ... (default: as in segment)."),
     window: str = typer.Option("soft_tissue", "--window", help="CT window the model sees (as in segment)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on. Anything but loopback makes the "
-                             "scan and the model reachable from other computers."),
+                             "scan and the model reachable from other computers (with the token; plain HTTP)."),
     port: int = typer.Option(8765, "--port", help="Port to listen on."),
+    token: str = typer.Option(None, "--token", help="Access token the page's address and every API request must "
+                              "carry (default: a new random one per server). Characters A-Z a-z 0-9 - _ . ~"),
     no_browser: bool = typer.Option(False, "--no-browser", help="Do not open the page in the default browser."),
     threads: int = typer.Option(None, "--threads", help="CPU threads for torch."),
 ) -> None:
     """Explore a scan in the browser: type a prompt, see its mask over the scan.
 
     Loads the model and the scan once, encodes the image once, then serves a local page (NiiVue viewer,
-    prompt box, legend with volumes, downloads of the label map and sidecar) on http://HOST:PORT/.
-    Ctrl-C stops it.
+    prompt box, legend with volumes, downloads of the label map and sidecar) on http://HOST:PORT/?token=T:
+    only a request with that access token gets the scan or runs the model. Ctrl-C stops it.
     """
     from text3dsam_cli.devices import set_threads
     from text3dsam_cli.inference import Segmenter
     from text3dsam_cli.model import load_model
     from text3dsam_cli.view import ViewSession, read_input
+    from text3dsam_cli.view.app import check_token
     from text3dsam_cli.view.server import check_port, is_loopback, require_web_stack, serve
 
     require_web_stack()
+    if token is not None:
+        check_token(token)
     target_spacing = parse_triple(spacing, "--spacing", float, "1.5,1.5,3 (mm, x,y,z)")
     if not is_loopback(host):
-        err_console.print(f"[bold yellow]warning:[/] listening on {escape(host)}: anyone who can reach this "
-                          "computer can see the scan and run the model (no authentication)", highlight=False)
+        err_console.print(f"[bold yellow]warning:[/] listening on {escape(host)}: other computers can reach "
+                          "this server; the token guards it, but plain HTTP is not encrypted, so anyone on the "
+                          "network path can read the token and the scan", highlight=False)
     check_port(host, port)
     set_threads(threads)
     err_console.print("[dim]reading the scan, loading the model…[/]")
@@ -63,5 +69,5 @@ def view_command(
     def ready(url: str) -> None:
         err_console.print(f"viewer at [bold]{url}[/] (Ctrl-C stops it)", highlight=False)
 
-    serve(session, host, port, open_browser=not no_browser, on_ready=ready)
+    serve(session, host, port, open_browser=not no_browser, on_ready=ready, token=token)
     err_console.print("[dim]viewer stopped[/]")

@@ -3,12 +3,15 @@
 Series rule: a folder is scanned (not recursively) with GDCM, which groups files by SeriesInstanceUID and
 sorts each series' slices geometrically. Non-image objects (SEG, RTSTRUCT, SR, ...) are ignored. When several
 image series remain, the one with the most files is read (ties: the lexicographically smallest UID), unless
-``series_uid`` names one.
+``series_uid`` names one; a folder read without ``series_uid`` that holds other image series gets one warning
+naming them and ``--series``. The series read is identified in ``Volume.meta["dicom_series"]`` (its
+StudyInstanceUID, SeriesInstanceUID, SeriesDescription and Modality), which the sidecar records.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
@@ -25,6 +28,8 @@ from text3dsam_cli.io.itk import first_error_line, itk_path, simpleitk, volume_f
 from text3dsam_cli.io.limits import check_voxel_count
 from text3dsam_cli.io.volume import Volume
 
+log = logging.getLogger(__name__)
+
 sitk = simpleitk()  # a DICOM reader needs it at once (this module is imported only for folders)
 
 #: Modalities of DICOM objects that hold no image volume to segment.
@@ -32,7 +37,7 @@ NON_IMAGE_MODALITIES = frozenset({"SEG", "RTSTRUCT", "RTPLAN", "RTRECORD", "SR",
                                   "FID", "PLAN", "AU", "ECG", "HD"})
 
 _HEADER_TAGS = ["Modality", "SeriesInstanceUID", "SeriesDescription", "StudyInstanceUID", "SOPClassUID",
-                "FrameOfReferenceUID", "PatientID", "SeriesNumber"]
+                "FrameOfReferenceUID", "PatientID", "SeriesNumber", "Manufacturer"]
 
 
 @dataclass
@@ -127,7 +132,7 @@ def list_series(folder: str | os.PathLike[str]) -> list[DicomSeries]:
         modality = _text(ds, "Modality")
         if modality is not None and modality.upper() in NON_IMAGE_MODALITIES:
             continue
-        tags = {k: _text(ds, k) for k in ("SOPClassUID", "FrameOfReferenceUID", "SeriesNumber")}
+        tags = {k: _text(ds, k) for k in ("SOPClassUID", "FrameOfReferenceUID", "SeriesNumber", "Manufacturer")}
         if tags["SOPClassUID"] is None and ds is not None:  # anonymised files may keep it only in file meta
             tags["SOPClassUID"] = _text(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID")
         series.append(DicomSeries(uid=uid, files=files, modality=modality,
@@ -244,8 +249,31 @@ def read_series(series: DicomSeries, where: str | os.PathLike[str]) -> Volume:
         "sop_class_uid": series.tags.get("SOPClassUID"),
         "frame_of_reference_uid": series.tags.get("FrameOfReferenceUID"),
         "dicom_files": list(series.files),
+        "dicom_series": series_identity(series),
     }
     return volume_from_image(image, Path(where), "dicom", series.modality, meta)
+
+
+def series_identity(series: DicomSeries) -> dict[str, str | None]:
+    """Which series this is, by its DICOM keywords (the sidecar's ``dicom_series``)."""
+    return {"StudyInstanceUID": series.study_uid, "SeriesInstanceUID": series.uid,
+            "SeriesDescription": series.description, "Modality": series.modality}
+
+
+def _describe(series: DicomSeries) -> str:
+    details = ", ".join(x for x in (series.tags.get("Manufacturer"), series.modality,
+                                    series.description and repr(series.description), f"{len(series.files)} files")
+                        if x)
+    return f"{series.uid or '(empty UID)'} ({details})"
+
+
+def warn_other_series(folder: str | os.PathLike[str], chosen: DicomSeries, series: list[DicomSeries]) -> None:
+    """One warning when ``folder`` holds image series besides ``chosen``: which was read, which were not."""
+    others = [s for s in series if s is not chosen]
+    if others:
+        log.warning("%s holds %d DICOM image series: read %s (most files, then smallest UID); not read: %s; "
+                    "choose one with --series UID", folder, len(series), _describe(chosen),
+                    "; ".join(map(_describe, others)))
 
 
 def _check_series_size(series: DicomSeries, where: str | os.PathLike[str]) -> None:
@@ -274,6 +302,8 @@ def read_dicom(path: str | os.PathLike[str], series_uid: str | None = None) -> V
     series = list_series(folder)
     if path.is_dir() or series_uid is not None:
         chosen = choose_series(folder, series_uid, series)
+        if series_uid is None:
+            warn_other_series(path, chosen, series)
     else:
         modality = _text(_header(str(path)), "Modality")
         if modality is not None and modality.upper() in NON_IMAGE_MODALITIES:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from text3dsam_cli.errors import InputError, OutputError
+from text3dsam_cli.io import nifti_header
 from text3dsam_cli.io.atomic import atomic_path, disk_full, encodable
 from text3dsam_cli.io.itk import captured_stderr, check_layout, first_error_line, itk_path, simpleitk, volume_from_image
 from text3dsam_cli.io.limits import check_voxel_count
@@ -42,7 +43,21 @@ SHEARED_NIFTI = ("the image's direction matrix is not orthogonal (sheared geomet
 
 def read_image_file(path: Path, fmt: str, name: str) -> Volume:
     """A single-file image of format ``fmt`` ("nifti", "nrrd", "metaimage"; ``name`` for messages) through
-    SimpleITK, with the completeness checks ITK lacks."""
+    SimpleITK, with the completeness checks ITK lacks. A NIfTI-1 file's qform/sform are checked and kept
+    (:mod:`text3dsam_cli.io.nifti_header`)."""
+    if fmt != "nifti":
+        return _read_image_file(path, fmt, name)
+    geometry = nifti_header.read_geometry(path)
+    if geometry is not None:
+        nifti_header.check_geometry(path, geometry)
+    volume = _read_image_file(path, fmt, name)
+    if geometry is not None:
+        volume.meta["nifti_header"] = nifti_header.report_geometry(path, geometry, volume.spacing, volume.origin,
+                                                                   volume.direction)
+    return volume
+
+
+def _read_image_file(path: Path, fmt: str, name: str) -> Volume:
     sitk = simpleitk()
     if fmt == "nifti" and path.name.lower().endswith(".gz"):
         volume = _read_float_nifti_gz_once(path)
@@ -452,12 +467,17 @@ def write_itk_image(volume: Volume, path: Path, compress: bool = True, keeps_she
     name = path.name.lower()
     gz = compress and name.endswith(".nii.gz")
     igzip = _isal("igzip") if gz else None
+    keep_input_header = "nifti_header" in volume.meta  # the input's qform/sform are written back (below)
     header = None
-    if name.endswith(".nii") or (gz and igzip is not None):
+    if name.endswith(".nii") or (gz and (igzip is not None or keep_input_header)):
         header = _itk_nifti_header(volume, array.dtype, path)
     if header is not None:
-        # NIfTI: ITK's own header, then the voxels straight from the array (no full-size ITK copy), compressed
-        # by ISA-L (a sixth of ITK's gzip time; docs/performance.md).
+        # NIfTI: ITK's own header (with the input's qform, sform and codes when on its grid), then the voxels
+        # straight from the array (no full-size ITK copy), compressed by ISA-L (a sixth of ITK's gzip time;
+        # docs/performance.md), else by Python's gzip.
+        header = nifti_header.patch_header(header, volume.meta, np.shape(volume.array), volume.spacing,
+                                           volume.origin, volume.direction)
+
         # Written by this process, so a write error raises here (no ITK stderr to read): the check is that the
         # file is whole (its size, or the gzip trailer's length), not a second decompression of it.
         def whole(tmp: Path) -> str | None:
@@ -493,10 +513,13 @@ _NIFTI1_HEADER = 352  # 348-byte header + the 4-byte extension flag; voxels star
 def _gzip_writer(path: Path) -> Any:
     """A gzip file open for writing at GZIP_LEVEL: ISA-L compressing blocks on ``parallel.thread_budget() - 1``
     threads while the calling thread prepares the next slab (``isal.igzip_threaded``, one gzip stream any
-    reader reads); ISA-L in the calling thread where the budget is one thread."""
+    reader reads); ISA-L in the calling thread where the budget is one thread; Python's gzip without ISA-L."""
     workers = thread_budget() - 1
+    igzip = _isal("igzip")
+    if igzip is None:
+        return gzip.open(path, "wb", compresslevel=GZIP_LEVEL)
     if workers < 1:
-        return _isal("igzip").open(path, "wb", compresslevel=GZIP_LEVEL)
+        return igzip.open(path, "wb", compresslevel=GZIP_LEVEL)
     return _isal("igzip_threaded").open(path, "wb", compresslevel=GZIP_LEVEL, threads=workers)
 
 

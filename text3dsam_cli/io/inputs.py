@@ -244,49 +244,89 @@ def parse_shard(spec: str) -> tuple[int, int]:
     raise UsageError(f"invalid shard {spec!r}: expected i/n with 1 <= i <= n, e.g. 1/4")
 
 
-def shard_from_environment(environ: Mapping[str, str] | None = None) -> tuple[int, int]:
-    """``--shard auto``: this worker's ``(i, n)`` from the launcher's environment.
+_DECIMAL = re.compile(r"^[0-9]+$")
+_IRREGULAR_ARRAY = "use a regular --array=A-B[:S], or give --shard i/n"
 
-    * torchrun / ``torch.distributed.run`` (and launchers that set the same variables): ``RANK + 1`` of
-      ``WORLD_SIZE``;
-    * a SLURM job array: ``(SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN) / SLURM_ARRAY_TASK_STEP + 1`` of
-      ``SLURM_ARRAY_TASK_COUNT`` (the array must be a regular range such as ``--array=0-15`` or ``1-31:2``);
-    * ``srun`` tasks of one job step: ``SLURM_PROCID + 1`` of ``SLURM_NTASKS``.
+
+def _env_number(env: Mapping[str, str], name: str) -> int:
+    """``$name`` as a whole number: plain decimal digits only (no sign, no spaces, no ``1_0``)."""
+    value = env.get(name)
+    if value is None or not _DECIMAL.match(value):
+        raise UsageError(f"--shard auto: ${name} is {value!r}, not a whole number (decimal digits only)")
+    return int(value)
+
+
+def _step_level(env: Mapping[str, str]) -> tuple[int, int, str]:
+    """This worker's ``(rank, size, source)`` within its job step: torchrun's ``RANK``/``WORLD_SIZE`` when set
+    (it already spans the nodes of the step), else srun's ``SLURM_PROCID``/``SLURM_NTASKS``, else ``(0, 1)``."""
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, size, source = _env_number(env, "RANK"), _env_number(env, "WORLD_SIZE"), "torchrun RANK/WORLD_SIZE"
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        rank, size = _env_number(env, "SLURM_PROCID"), _env_number(env, "SLURM_NTASKS")
+        source = "srun SLURM_PROCID/SLURM_NTASKS"
+    else:
+        return 0, 1, ""
+    if not rank < size:
+        raise UsageError(f"--shard auto: {source} is rank {rank} of {size}, which is out of range")
+    return rank, size, source
+
+
+def _array_level(env: Mapping[str, str]) -> tuple[int, int, str]:
+    """This task's ``(index, count, source)`` in a SLURM job array (``(0, 1, "")`` outside one).
+
+    The index is ``(SLURM_ARRAY_TASK_ID - MIN) / STEP``; the array must be a regular range (``--array=A-B[:S]``):
+    when ``SLURM_ARRAY_TASK_COUNT`` disagrees with MIN/MAX/STEP (a list such as ``--array=0,2,4``), the task IDs
+    cannot be mapped to shards, and every task refuses rather than skip or repeat inputs.
+    """
+    if "SLURM_ARRAY_TASK_ID" not in env:
+        return 0, 1, ""
+    task = _env_number(env, "SLURM_ARRAY_TASK_ID")
+    first = _env_number(env, "SLURM_ARRAY_TASK_MIN") if "SLURM_ARRAY_TASK_MIN" in env else 0
+    step = _env_number(env, "SLURM_ARRAY_TASK_STEP") if "SLURM_ARRAY_TASK_STEP" in env else 1
+    last = _env_number(env, "SLURM_ARRAY_TASK_MAX") if "SLURM_ARRAY_TASK_MAX" in env else None
+    count = _env_number(env, "SLURM_ARRAY_TASK_COUNT") if "SLURM_ARRAY_TASK_COUNT" in env else None
+    if step < 1 or (last is not None and last < first):
+        raise UsageError(f"--shard auto: the SLURM array (MIN {first}, MAX {last}, STEP {step}) is not a range; "
+                         f"{_IRREGULAR_ARRAY}")
+    if last is not None:
+        regular = (last - first) // step + 1
+        if count is not None and count != regular:
+            raise UsageError(f"--shard auto: the SLURM array's task IDs are not a regular range (COUNT {count}, "
+                             f"but MIN {first}, MAX {last}, STEP {step} make {regular}), so they cannot be "
+                             f"mapped to shards; {_IRREGULAR_ARRAY}")
+        count = regular
+    if count is None:
+        raise UsageError("--shard auto: SLURM_ARRAY_TASK_ID is set but neither SLURM_ARRAY_TASK_COUNT nor "
+                         "SLURM_ARRAY_TASK_MAX")
+    if task < first or (task - first) % step or (task - first) // step >= count:
+        raise UsageError(f"--shard auto: array task {task} is not on the range {first}, {first + step}, ... "
+                         f"({count} tasks); {_IRREGULAR_ARRAY}")
+    return (task - first) // step, count, "SLURM job array"
+
+
+def shard_from_environment(environ: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """``--shard auto``: this worker's ``(i, n)`` from the launcher's environment, composing two levels.
+
+    * the job-step level: torchrun / ``torch.distributed.run`` ``RANK`` of ``WORLD_SIZE`` when set (it already
+      spans the nodes of the step), else the step's ``srun`` tasks, ``SLURM_PROCID`` of ``SLURM_NTASKS``;
+    * the array level: a SLURM job array, ``(SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN) /
+      SLURM_ARRAY_TASK_STEP`` of ``SLURM_ARRAY_TASK_COUNT`` (a regular range such as ``--array=0-15`` or
+      ``1-31:2``; anything else is refused).
+
+    ``i = array_index * step_size + step_rank + 1`` of ``n = array_count * step_size``, so every worker of every
+    array task gets its own shard. Every number must be plain decimal digits.
     """
     env = os.environ if environ is None else environ
-
-    def number(name: str) -> int:
-        try:
-            return int(env[name])
-        except (KeyError, ValueError):
-            raise UsageError(f"--shard auto: ${name} is {env.get(name)!r}, not a number") from None
-
-    if "RANK" in env and "WORLD_SIZE" in env:
-        index, count, source = number("RANK") + 1, number("WORLD_SIZE"), "torchrun RANK/WORLD_SIZE"
-    elif "SLURM_ARRAY_TASK_ID" in env:
-        task = number("SLURM_ARRAY_TASK_ID")
-        first = number("SLURM_ARRAY_TASK_MIN") if "SLURM_ARRAY_TASK_MIN" in env else 0
-        step = number("SLURM_ARRAY_TASK_STEP") if "SLURM_ARRAY_TASK_STEP" in env else 1
-        if "SLURM_ARRAY_TASK_COUNT" in env:
-            count = number("SLURM_ARRAY_TASK_COUNT")
-        elif "SLURM_ARRAY_TASK_MAX" in env:
-            count = (number("SLURM_ARRAY_TASK_MAX") - first) // max(1, step) + 1
-        else:
-            raise UsageError("--shard auto: SLURM_ARRAY_TASK_ID is set but neither SLURM_ARRAY_TASK_COUNT nor "
-                             "SLURM_ARRAY_TASK_MAX")
-        if step < 1 or (task - first) % step:
-            raise UsageError(f"--shard auto: array task {task} is not on the range {first}, {first + step}, ... "
-                             "(use a regular --array=A-B[:S], or give --shard i/n)")
-        index, source = (task - first) // step + 1, "SLURM job array"
-    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        index, count, source = number("SLURM_PROCID") + 1, number("SLURM_NTASKS"), "srun SLURM_PROCID/SLURM_NTASKS"
-    else:
+    rank, size, step_source = _step_level(env)
+    index, count, array_source = _array_level(env)
+    if not step_source and not array_source:
         raise UsageError("--shard auto needs a launcher: torchrun (RANK, WORLD_SIZE) or a SLURM job array "
                          "(SLURM_ARRAY_TASK_ID, ...) or srun tasks (SLURM_PROCID, SLURM_NTASKS); neither is set, "
                          "so give --shard i/n")
-    if not 1 <= index <= count:
-        raise UsageError(f"--shard auto: {source} gives shard {index} of {count}, which is out of range")
-    return index, count
+    shard, total = index * size + rank + 1, count * size
+    if not 1 <= shard <= total:  # unreachable after the checks above; kept as the last guard
+        raise UsageError(f"--shard auto: gives shard {shard} of {total}, which is out of range")
+    return shard, total
 
 
 def select_shard(items: Iterable[InputItem], spec: str | None,

@@ -337,6 +337,14 @@ def _text_prompts_dict(value: Any, path: Path) -> dict[str, Any]:
     return prompts
 
 
+class NonFiniteValues(InputError):
+    """An array holding NaN or infinity (``kind``: "NaN" or "infinite"), where numbers are needed."""
+
+    def __init__(self, message: str, path: Path, kind: str) -> None:
+        super().__init__(message, path)
+        self.kind = kind
+
+
 def check_finite(array: np.ndarray, path: Path, what: str) -> None:
     """Refuse float arrays containing NaN or infinity (checked in slabs to keep memory low)."""
     if array.dtype.kind not in "fc":
@@ -347,7 +355,7 @@ def check_finite(array: np.ndarray, path: Path, what: str) -> None:
         block = flat[start:start + step]
         if not np.isfinite(block).all():
             kind = "NaN" if np.isnan(block).any() else "infinite"
-            raise InputError(f"{what} contains {kind} values; cannot segment it", path)
+            raise NonFiniteValues(f"{what} contains {kind} values; cannot segment it", path, kind)
 
 
 def read_challenge_npz(path: str | os.PathLike[str]) -> Volume:

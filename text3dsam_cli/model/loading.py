@@ -201,9 +201,17 @@ def load_model(source: str | os.PathLike[str] | None = None, revision: str | Non
         raise CheckpointError(f"checkpoint does not match the Text3DSAM architecture: {reason}", folder) from exc
     # The tokenizer is loaded on first use: a run whose prompts are all in the embedding store never needs it.
     has_files = any((folder / name).is_file() for name in TOKENIZER_FILES)
-    model.set_tokenizer_loader(lambda: load_tokenizer(folder, config.text_model),
-                               tokenizer_digest(folder) if has_files else f"hub:{config.text_model}")
-    if not has_files:
-        model.tokenizer  # noqa: B018 - resolve the cache now, so a missing tokenizer fails at load time
+    if has_files:
+        model.set_tokenizer_loader(lambda: load_tokenizer(folder, config.text_model), tokenizer_digest(folder))
+    else:  # the text model's tokenizer from the HF cache: resolved now, so a missing one fails at load time,
+        # and its files (which the cache can update) are hashed into the prompt-embedding fingerprint
+        try:
+            hub_folder = cached_tokenizer_folder(config.text_model)
+        except Exception as exc:
+            raise CheckpointError(f"no tokenizer files (vocab.txt) and none cached for {config.text_model}",
+                                  folder) from exc
+        model.set_tokenizer_loader(lambda: load_tokenizer(hub_folder, config.text_model),
+                                   tokenizer_digest(hub_folder) or f"hub:{config.text_model}")
+        model.tokenizer  # noqa: B018
     model.source = location.describe()
     return model.to(device).eval()

@@ -14,6 +14,8 @@ from text3dsam_cli.model.image_encoder import ImageEncoder
 from text3dsam_cli.model.saving import save_model
 from text3dsam_cli.model.text_encoder import build_text_encoder, build_text_projector
 
+#: Longest token sequence a prompt is cut to (part of the prompt-embedding fingerprint).
+PROMPT_MAX_LENGTH = 512
 
 class Text3DSAM(nn.Module):
     """Text-prompted 3-D segmentation model (the published ``Med3DSeg``).
@@ -85,7 +87,7 @@ class Text3DSAM(nn.Module):
         hidden = self.text_encoder(input_ids, attention_mask)
         return self.text_projector(hidden[:, 0])
 
-    def tokenize(self, prompts: list[str], max_length: int = 512) -> dict[str, torch.Tensor]:
+    def tokenize(self, prompts: list[str], max_length: int = PROMPT_MAX_LENGTH) -> dict[str, torch.Tensor]:
         """Tokenize with dynamic padding (the [CLS] embedding does not depend on padding length)."""
         if self.tokenizer is None:
             raise RuntimeError("no tokenizer attached; load the model with load_model()")

@@ -43,6 +43,10 @@ KNOWN_TEXT_MODELS: dict[str, dict[str, int]] = {
 }
 #: Attention-head counts of :data:`KNOWN_TEXT_MODELS`.
 KNOWN_HEADS = {name: geometry["num_attention_heads"] for name, geometry in KNOWN_TEXT_MODELS.items()}
+#: Version of the text path's code (this encoder's arithmetic, the tokenizer pipeline, the projector): part of
+#: the prompt-embedding fingerprint. Bump it with any change that can change a prompt's embedding, so that stored
+#: vectors of the old code are not reused.
+TEXT_PATH_VERSION = "1"
 #: Head size assumed for an unknown encoder when the head count has to be guessed.
 DEFAULT_HEAD_DIM = 64
 

@@ -8,9 +8,13 @@ import socket
 import threading
 import webbrowser
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from text3dsam_cli.errors import UsageError
 from text3dsam_cli.view.session import ViewSession
+
+if TYPE_CHECKING:
+    import uvicorn
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
@@ -45,26 +49,42 @@ def check_port(host: str, port: int) -> None:
             raise UsageError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
 
 
-def url_for(host: str, port: int) -> str:
-    """The page's address (``[...]`` around IPv6 hosts; the wildcard hosts shown as 127.0.0.1)."""
+def url_for(host: str, port: int, token: str | None = None) -> str:
+    """The page's address (``[...]`` around IPv6 hosts; the wildcard hosts shown as 127.0.0.1), with
+    ``?token=`` when given: the address that ``view`` prints and opens."""
     shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    return f"http://[{shown}]:{port}/" if ":" in shown else f"http://{shown}:{port}/"
+    base = f"http://[{shown}]:{port}/" if ":" in shown else f"http://{shown}:{port}/"
+    return f"{base}?token={token}" if token else base
 
 
-def serve(session: ViewSession, host: str = "127.0.0.1", port: int = 8765, open_browser: bool = True,
-          on_ready: Callable[[str], None] | None = None, log_level: str = "warning") -> None:
-    """Serve the viewer until Ctrl-C (or SIGTERM); open the page in the default browser once it listens."""
+def allowed_hosts(host: str) -> list[str]:
+    """Host header names the server answers to: loopback names and the bound address itself (``--host
+    127.0.0.2``); any well-formed name for a wildcard or non-loopback address (the token still applies)."""
+    from text3dsam_cli.view.app import LOOPBACK_NAMES
+
+    return [*LOOPBACK_NAMES, host] if is_loopback(host) else ["*"]
+
+
+def make_server(session: ViewSession, host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
+                log_level: str = "warning") -> tuple[uvicorn.Server, str]:
+    """The uvicorn server for ``session`` (not yet running) and the page's address, token included."""
     require_web_stack()
     import uvicorn
 
-    from text3dsam_cli.view.app import LOOPBACK_NAMES, create_app
+    from text3dsam_cli.view.app import create_app
 
-    allowed = LOOPBACK_NAMES if is_loopback(host) else ["*"]
-    app = create_app(session, allowed_hosts=allowed)
+    app = create_app(session, allowed_hosts=allowed_hosts(host), token=token)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, lifespan="off",
                             server_header=False)
-    server = uvicorn.Server(config)
-    url = url_for(host, port)
+    return uvicorn.Server(config), url_for(host, port, app.state.token)
+
+
+def serve(session: ViewSession, host: str = "127.0.0.1", port: int = 8765, open_browser: bool = True,
+          on_ready: Callable[[str], None] | None = None, log_level: str = "warning",
+          token: str | None = None) -> None:
+    """Serve the viewer until Ctrl-C (or SIGTERM); open the page (token in its address) once it listens.
+    ``token`` None: a new random one."""
+    server, url = make_server(session, host, port, token, log_level)
 
     def announce() -> None:
         while not server.started and not server.should_exit:
