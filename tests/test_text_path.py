@@ -117,7 +117,9 @@ def test_text_embeddings_equal_reference(variant, request):
             padded = model.encode_text(ids, mask).numpy()
             n = int(mask.sum())
             dynamic = model.encode_text(ids[:, :n], mask[:, :n]).numpy()
-        assert np.abs(padded - ref[f"text_embedding_{i}"]).max() < 1e-6  # measured: 0
+        # 0 on the machine that wrote the reference; float32 rounding where the CPU's matmul kernels differ
+        # (1.7e-6 on an AVX-512 AMD EPYC, values of magnitude ~1): a few ulp, far below any real error
+        assert np.abs(padded - ref[f"text_embedding_{i}"]).max() < 1e-5
         assert np.abs(dynamic - ref[f"text_embedding_{i}"]).max() < 1e-5
 
 
