@@ -173,6 +173,16 @@ def test_options_and_label_maps(api):
         api.segment(CT, PROMPTS, window="nonsense")
 
 
+def test_npz_input_uses_its_own_prompts(api, tmp_path):
+    case = np.load(DATA / "challenge" / "MR_BraTS-T1c_bratsgli_0017.npz", allow_pickle=True)
+    path = tmp_path / "case.npz"
+    np.savez_compressed(path, imgs=case["imgs"][:8, :32, :32], spacing=case["spacing"],
+                        text_prompts=np.array({"2": "brain tumor", "instance_label": 0}, dtype=object))
+    seg = api.segment(path)  # prompts=None: the npz's text_prompts
+    assert seg.prompts == ["brain tumor"] and seg.label_values == [2] and seg.labels.shape == (8, 32, 32)
+    assert seg.sidecar["input_format"] == "npz" and seg.sidecar["orientation"]["source"] == "npz"
+
+
 @pytest.mark.parametrize("prompt", ["", "   ", "\u200b", "\x00", "\x01\x02\x1f", "\ufeff\u200d", "liver\udcff",
                                     "\ud800"])
 def test_prompts_that_are_not_text_fail_before_the_model_loads(prompt, tmp_path):

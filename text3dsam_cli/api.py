@@ -67,10 +67,10 @@ def _kind(input: Any) -> str:
         return "path"
     if isinstance(input, Volume):
         return "volume"
-    module = type(input).__module__.split(".")[0]
-    if module == "SimpleITK" and hasattr(input, "GetSize"):
+    modules = {cls.__module__.split(".")[0] for cls in type(input).__mro__}
+    if "SimpleITK" in modules and hasattr(input, "GetSize"):
         return "sitk"
-    if module == "nibabel" and hasattr(input, "affine") and hasattr(input, "dataobj"):
+    if "nibabel" in modules and hasattr(input, "affine") and hasattr(input, "dataobj"):
         return "nibabel"
     if isinstance(input, np.ndarray):
         raise TypeError("a bare array has no geometry: give a path, a nibabel image or a SimpleITK image (or use "
