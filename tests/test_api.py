@@ -165,8 +165,14 @@ def test_options_and_label_maps(api):
     assert seg.sidecar["orientation"]["source"] == "native"
     assert all(entry["components"] <= 1 for entry in seg.sidecar["labels"])
     assert api.segment(CT, "liver").prompts == ["liver"]
-    with pytest.raises(TypeError, match=r"mode.*Text3DSAM"):
-        api.segment(CT, PROMPTS, mode="sliding")
+    with pytest.raises(TypeError, match=r"precision.*Text3DSAM"):
+        api.segment(CT, PROMPTS, precision="bf16")
+    with pytest.raises(UsageError, match="mode"):
+        api.segment(CT, PROMPTS, mode="tiles")
+    before = (api.segmenter.mode, api.segmenter.spacing)
+    sliding = api.segment(CT, PROMPTS, mode="sliding", spacing=(3.0, 3.0, 3.0))  # for this call only
+    assert sliding.sidecar["mode"] == "sliding" and before[0] == "whole"
+    assert (api.segmenter.mode, api.segmenter.spacing) == before
     with pytest.raises(TypeError, match="bare array"):
         api.segment(np.zeros((4, 4, 4)), PROMPTS)
     with pytest.raises(UsageError, match="window"):

@@ -22,9 +22,10 @@ result comes back in nibabel's (x, y, z) array layout with the image's own heade
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,7 @@ from text3dsam_cli.pipeline import (
 )
 from text3dsam_cli.prompts import check_label_map_prompts, check_prompts, parse_label_map
 
-__all__ = ["INPUT_OPTIONS", "MODEL_OPTIONS", "Segmentation", "Text3DSAM", "segment"]
+__all__ = ["CALL_OPTIONS", "INPUT_OPTIONS", "MODEL_OPTIONS", "Segmentation", "Text3DSAM", "segment"]
 
 #: Options of :class:`Text3DSAM` (the model and how it runs): ``segment``'s ``--revision``, ``--precision``,
 #: ``--mode``, ``--spacing``, ``--overlap``, ``--sw-batch-size``, ``--threads``; ``embedding_cache`` is the
@@ -56,9 +57,11 @@ __all__ = ["INPUT_OPTIONS", "MODEL_OPTIONS", "Segmentation", "Text3DSAM", "segme
 MODEL_OPTIONS = ("revision", "precision", "mode", "spacing", "overlap", "sw_batch_size", "embedding_cache",
                  "threads")
 #: Options of :meth:`Text3DSAM.segment` (one input): ``segment``'s options of the same names (``series`` is
-#: ``--series``, the SeriesInstanceUID to read from a DICOM folder).
+#: ``--series``, the SeriesInstanceUID to read from a DICOM folder), and :data:`CALL_OPTIONS`.
 INPUT_OPTIONS = ("modality", "window", "orientation", "largest_component", "min_size_ml", "probabilities",
                  "series", "strict_prompts", "max_prompts")
+#: Options of :class:`Text3DSAM` that one :meth:`Text3DSAM.segment` call may also set for itself.
+CALL_OPTIONS = ("mode", "spacing", "overlap", "sw_batch_size")
 
 
 def _kind(input: Any) -> str:
@@ -180,7 +183,8 @@ def _input_options(options: dict[str, Any]) -> tuple[SegmentOptions, str]:
     if unknown:
         model = [k for k in unknown if k in MODEL_OPTIONS]
         where = f" ({', '.join(model)}: an option of Text3DSAM(...))" if model else ""
-        raise TypeError(f"unknown option(s) {', '.join(unknown)}{where}; options are {', '.join(INPUT_OPTIONS)}")
+        raise TypeError(f"unknown option(s) {', '.join(unknown)}{where}; options are "
+                        f"{', '.join(INPUT_OPTIONS + CALL_OPTIONS)}")
     known = {f.name for f in fields(SegmentOptions)}
     values = {("series_uid" if k == "series" else k): v for k, v in options.items()}
     assert set(values) <= known
@@ -321,16 +325,44 @@ class Text3DSAM:
         label values 1..K; one text; a ``{label value: text}`` mapping; or None for an npz's own prompts).
 
         ``options``: :data:`INPUT_OPTIONS` (``modality``, ``window``, ``orientation``, ``largest_component``,
-        ``min_size_ml``, ``probabilities``, ``series``, ``strict_prompts``, ``max_prompts``). Bad prompts or
+        ``min_size_ml``, ``probabilities``, ``series``, ``strict_prompts``, ``max_prompts``) and, for this call
+        only, :data:`CALL_OPTIONS` (``mode``, ``spacing``, ``overlap``, ``sw_batch_size``). Bad prompts or
         options raise :class:`~text3dsam_cli.errors.UsageError`, an unreadable input
         :class:`~text3dsam_cli.errors.InputError` (both :class:`~text3dsam_cli.errors.Text3DSAMError`).
         """
         texts, values = _prompt_arguments(prompts)
+        run = {k: options.pop(k) for k in CALL_OPTIONS if k in options}
         opts, orientation = _input_options(options)
+        _check_model_options(run.get("mode", "auto"), run.get("overlap", 0.5))
         source = _read(input, opts.series_uid)
         texts, values = resolve_prompts(source.volume, texts, values, opts, source.name)
-        done = segment_volume(self.segmenter, source.volume, texts, values, opts, orientation, self._table)
+        with _run_options(self.segmenter, run):
+            done = segment_volume(self.segmenter, source.volume, texts, values, opts, orientation, self._table)
         return Segmentation(done, source, dict(self.segmenter.model.source))
+
+
+@contextlib.contextmanager
+def _run_options(segmenter: Segmenter, run: dict[str, Any]) -> Iterator[None]:
+    """``segmenter`` with :data:`CALL_OPTIONS` set for one call (as ``Segmenter(...)`` would set them)."""
+    if not run:
+        yield
+        return
+    recipe = segmenter.model.config.inference or {}
+    saved = {k: getattr(segmenter, k) for k in CALL_OPTIONS}
+    if "mode" in run:
+        segmenter.mode = recipe.get("mode", "whole") if run["mode"] == "auto" else run["mode"]
+    if "spacing" in run:
+        chosen = run["spacing"] or recipe.get("spacing")
+        segmenter.spacing = tuple(float(v) for v in chosen) if chosen else None
+    if "overlap" in run:
+        segmenter.overlap = float(run["overlap"])
+    if "sw_batch_size" in run:
+        segmenter.sw_batch_size = max(1, int(run["sw_batch_size"]))
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            setattr(segmenter, key, value)
 
 
 def _check_model_options(mode: str, overlap: float) -> None:
@@ -350,6 +382,6 @@ def segment(input: Any, prompts: Any = None, *, model: Any = None, device: str =
     """
     model_options = {k: options.pop(k) for k in MODEL_OPTIONS if k in options}
     _prompt_arguments(prompts)
-    _input_options(options)
+    _input_options(dict(options))
     _check_model_options(model_options.get("mode", "auto"), model_options.get("overlap", 0.5))
     return Text3DSAM(model, device, **model_options).segment(input, prompts, **options)
