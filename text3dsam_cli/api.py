@@ -226,8 +226,9 @@ class Segmentation:
                 f"shape={tuple(self.labels.shape)}, dtype={self.labels.dtype})")
 
     @property
-    def geometry(self) -> Volume:
-        """The input's grid as a :class:`Volume` around the label map ((z, y, x), SimpleITK's geometry terms)."""
+    def volume(self) -> Volume:
+        """The label map as a :class:`~text3dsam_cli.io.Volume` on the input's grid ((z, y, x) array, SimpleITK's
+        geometry terms): what :func:`text3dsam_cli.io.write_volume` writes."""
         return self._done.volume.with_array(self._done.result.labels)
 
     def to_nifti(self) -> Any:
@@ -248,7 +249,7 @@ class Segmentation:
         from text3dsam_cli.io import write_volume
 
         with tempfile.TemporaryDirectory(prefix="text3dsam-api-") as folder:
-            path = write_volume(self.geometry, Path(folder) / "labels.nii")
+            path = write_volume(self.volume, Path(folder) / "labels.nii")
             loaded = nib.load(path, mmap=False)
             return nib.Nifti1Image(np.asarray(loaded.dataobj), loaded.affine, loaded.header)
 
@@ -256,7 +257,7 @@ class Segmentation:
         """The label map as a SimpleITK image ((z, y, x) voxels) with the input's origin, spacing, direction."""
         from text3dsam_cli.io import volume_to_image
 
-        return volume_to_image(self.geometry)
+        return volume_to_image(self.volume)
 
     def save(self, path: str | os.PathLike[str], *, split: bool = False) -> list[str]:
         """Write the label map to ``path`` (its ending picks the format, as ``segment -o``) with the sidecar
