@@ -12,13 +12,14 @@ from conftest import CHALLENGE, DATA
 from typer.testing import CliRunner
 
 from text3dsam_cli.cli import app
-from text3dsam_cli.errors import InputError
+from text3dsam_cli.errors import InputError, UsageError
 from text3dsam_cli.evaluation import evaluate_folder
 from text3dsam_cli.io import read_challenge_npz
 from text3dsam_cli.prompts import (
     load_vocabulary,
     match_prompt,
     parse_label_map,
+    prompt_problem,
     prompts_for,
     read_labels_json,
     read_prompt_collection,
@@ -41,8 +42,9 @@ BAD_MAPS = [
     ({"1": "liver", "01": "spleen"}, "given twice"),
     ({"1.5": "liver"}, "not an integer"),
     ({"liver": 1}, "not an integer"),
-    ({"1": ""}, "non-empty prompt"),
-    ({"1": ["liver", "  "]}, "non-empty prompt"),
+    ({"1": ""}, "non-empty prompt|is empty"),
+    ({"1": ["liver", "  "]}, "non-empty prompt|is empty"),
+    ({"1": ["liver", "\u200b"]}, "non-empty prompt|is empty"),
     ({"1": 5}, "non-empty prompt"),
     ({"1": "liver", "instance_label": "yes"}, "instance_label"),
     ({"1": "liver", "instance_label": 2}, "instance_label"),
@@ -71,7 +73,9 @@ def test_segment_train_and_eval_share_the_rule(data, message, tmp_path):
     path = tmp_path / "p.json"
     path.write_text(json.dumps(data))
     for read in (read_prompt_file, read_prompt_collection, read_labels_json):
-        with pytest.raises(InputError, match=message):
+        # segment's prompt file: a prompt that is no text is a usage error (exit 2), the rest of the rule as train/eval
+        errors = (InputError, UsageError) if read is read_prompt_file else InputError
+        with pytest.raises(errors, match=message):
             read(path)
 
 
@@ -218,3 +222,92 @@ def test_unknown_prompt_warns_once_and_the_sidecar_says_so(small_checkpoint, tmp
     labels = json.loads((tmp_path / "seg.json").read_text())["labels"]
     assert labels[0]["vocabulary"] == {"known": True, "closest": "Liver", "score": 1.0}
     assert labels[1]["vocabulary"]["known"] is False and labels[1]["vocabulary"]["closest"] == "Left kidney"
+
+
+# -- prompts that are not text (one rule: prompts.prompt_problem) ------------------------------------------------
+
+NOT_TEXT = ["", "   ", "\t\n", "\u200b", "\x00", "\x00\x01\x1f\x7f", "\ufeff\u200d\u2060", "\u0301", "\ufffd",
+            "liver\udcff", "\ud800"]
+
+
+@pytest.mark.parametrize("text", NOT_TEXT)
+def test_prompt_rule_refuses_empty_invisible_and_invalid_text(text):
+    problem = prompt_problem(text)
+    assert problem is not None
+    assert ("not valid text" in problem) == any("\ud800" <= c <= "\udfff" for c in text)
+
+
+@pytest.mark.parametrize("text", ["liver", " left kidney ", "Leber", "肝臓", "liver\x00", "\u200bspleen", "😀"])
+def test_prompt_rule_keeps_text(text):
+    assert prompt_problem(text) is None
+
+
+def _refused_before_the_model(result, out, *words):
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and all(w in lines[0] for w in words), lines
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("text", NOT_TEXT)
+def test_segment_refuses_a_prompt_that_is_not_text_before_the_model_loads(text, tmp_path):
+    out = tmp_path / "out"
+    # the model does not exist: exit 2 about the prompt proves the model was never loaded
+    result = runner.invoke(app, ["segment", str(CT), "liver", text, "-m", str(tmp_path / "no-model"), "-o", str(out)])
+    _refused_before_the_model(result, out, "prompt")
+
+
+def test_segment_refuses_bytes_that_are_not_utf8_from_a_real_command_line(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "-m", "text3dsam_cli", "segment", str(CT), b"liver\xff", "-m",
+                          str(tmp_path / "no-model"), "-o", str(out)], capture_output=True, cwd=ROOT,
+                         env={**__import__("os").environ, "LC_ALL": "C.UTF-8"})
+    assert run.returncode == 2 and run.stdout == b""
+    assert run.stderr.decode().strip() == "error: prompt 'liver\\udcff' is not valid text (byte 0xff is not UTF-8)"
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("name", "content", "words"), [
+    ("p.txt", "liver\n\u200b\n".encode(), ["p.txt: line 2: prompt '\\u200b' is empty"]),
+    ("p.txt", b"liver\n\x00\x01\n", ["p.txt: line 2: prompt"]),
+    ("p.txt", b"liver\nspleen\xff\n", ["p.txt: the prompt file is not valid UTF-8"]),
+    ("p.json", json.dumps({"1": "liver", "2": "\u200b"}).encode(), ["p.json: label '2': prompt '\\u200b'"]),
+    ("p.json", b'{"1": "liver", "2": "\\ud800"}', ["p.json: label '2': prompt '\\ud800' is not valid text"]),
+])
+def test_segment_refuses_prompt_files_with_prompts_that_are_not_text(name, content, words, tmp_path):
+    path = tmp_path / name
+    path.write_bytes(content)
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["segment", str(CT), "--prompt-file", str(path), "-m", str(tmp_path / "no-model"),
+                                 "-o", str(out)])
+    _refused_before_the_model(result, out, *words)
+
+
+def test_segment_refuses_npz_text_prompts_that_are_not_text_before_the_model_loads(tmp_path):
+    path = _npz_with_prompts(tmp_path, {"1": "liver", "2": ["\x00\u200b", "spleen"], "instance_label": 0})
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["segment", str(path), "-m", str(tmp_path / "no-model"), "-o", str(out)])
+    _refused_before_the_model(result, out, str(path), "text_prompts: label '2': prompt")
+    with pytest.raises(UsageError, match="text_prompts"):
+        prompts_for(read_challenge_npz(path), [])
+
+
+@pytest.mark.parametrize("text", NOT_TEXT)
+def test_viewer_request_prompts_share_the_rule(text):
+    from text3dsam_cli.view.session import check_prompts
+
+    # the viewer's request path (ViewSession.segment) calls check_prompts; the app answers its UsageError with 400
+    with pytest.raises(UsageError, match="prompt"):
+        check_prompts(["liver", text])
+    assert check_prompts([" liver "]) == ["liver"]
+
+
+@pytest.mark.parametrize("query", ["😀", "%", ".*", "!!"])
+def test_prompts_command_says_no_match_for_a_query_without_letters(query):
+    result = prompts_cli(query)
+    assert result.exit_code == 1 and "no class matches" in result.stderr and not result.stdout
+    assert search_vocabulary(query) == [] and json.loads(prompts_cli(query, "--json").stdout) == []
+    assert len(search_vocabulary("  ")) == len(load_vocabulary())  # no query at all: every class

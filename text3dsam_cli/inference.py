@@ -23,6 +23,7 @@ from text3dsam_cli.embedding_store import EmbeddingStore
 from text3dsam_cli.errors import UsageError
 from text3dsam_cli.model import Text3DSAM
 from text3dsam_cli.model.decoder import ImageContext
+from text3dsam_cli.prompts import check_prompts
 from text3dsam_cli.upsampling import upsample_argmax
 
 log = logging.getLogger(__name__)
@@ -324,8 +325,7 @@ class Segmenter:
     def _check_prompts(prompts: Sequence[str], label_values: Sequence[int] | None) -> tuple[list[str], list[int]]:
         if not prompts:
             raise UsageError("no prompts given")
-        if any(not str(p).strip() for p in prompts):
-            raise UsageError("empty prompt")
+        check_prompts(prompts)  # the one prompt rule: not empty, not invisible, valid text
         values = list(label_values) if label_values is not None else list(range(1, len(prompts) + 1))
         if len(values) != len(prompts):
             raise ValueError("one label value per prompt is needed")

@@ -20,8 +20,17 @@ import numpy as np
 
 from text3dsam_cli import __version__
 from text3dsam_cli.errors import CheckpointError, InputError, Text3DSAMError, UsageError
-from text3dsam_cli.inference import SegmentationResult, Segmenter
-from text3dsam_cli.io import InputItem, Volume, dicomweb, formats, read_text_prompts, read_volume, write_volume
+from text3dsam_cli.inference import EncodedImage, SegmentationResult, Segmenter
+from text3dsam_cli.io import (
+    InputItem,
+    Volume,
+    dicomweb,
+    expand_inputs,
+    formats,
+    read_text_prompts,
+    read_volume,
+    write_volume,
+)
 from text3dsam_cli.io.atomic import clean_stale_temps, write_json
 from text3dsam_cli.io.writers import SHEARED_NIFTI, is_orthogonal
 from text3dsam_cli.orientation import (
@@ -51,7 +60,15 @@ from text3dsam_cli.preprocess import (
     parse_window,
     resolve_modality,
 )
-from text3dsam_cli.prompts import check_known_prompts, match_prompt, parse_label_map, prompts_for, prompts_to_segment
+from text3dsam_cli.prompts import (
+    check_known_prompts,
+    check_label_map_prompts,
+    check_prompts,
+    match_prompt,
+    parse_label_map,
+    prompts_for,
+    prompts_to_segment,
+)
 from text3dsam_cli.quality import assess_labels
 
 log = logging.getLogger(__name__)
@@ -156,6 +173,8 @@ def check_options(options: SegmentOptions) -> None:
     parse_window(options.window)
     if options.modality is not None and normalize_modality_name(options.modality) not in KNOWN_MODALITIES:
         raise UsageError(f"unknown --modality {options.modality!r} (use one of {', '.join(sorted(KNOWN_MODALITIES))})")
+    if options.min_size_ml is not None and not options.min_size_ml >= 0:
+        raise UsageError("--min-size-ml must be a volume in ml >= 0")
     if options.max_prompts is not None and options.max_prompts < 1:
         raise UsageError("--max-prompts must be at least 1 (or 0 on the command line for no limit)")
     for companion in companions(options):
@@ -218,6 +237,22 @@ def _stored_label_values(path: Path) -> list[int] | None:
     return prompts_to_segment(label_map.prompts, label_map.values, bool(label_map.instance))[1]
 
 
+def check_input_prompts(items: Sequence[InputItem], prompts: Sequence[str]) -> None:
+    """Without prompt arguments, the prompts of every npz input (its ``text_prompts``) must be prompts by the
+    prompt rule (:func:`~text3dsam_cli.prompts.check_label_map_prompts`): a UsageError naming the file, before
+    the model loads. (Other problems of ``text_prompts`` fail that input alone when it is read.)"""
+    if prompts:
+        return
+    for item in items:
+        if item.kind != "npz" or item.error is not None:
+            continue
+        try:
+            stored = read_text_prompts(item.path)
+        except Text3DSAMError:
+            continue
+        check_label_map_prompts(stored, item.path, "text_prompts: ")
+
+
 def label_counts(labels: np.ndarray, values: Sequence[int]) -> dict[int, int]:
     """Voxels per label value, counted slab by slab: no int64 copy of the whole volume (``np.bincount`` on the
     full array would make one, 8 bytes per voxel)."""
@@ -260,18 +295,19 @@ def prompt_values(prompts: Sequence[str], values: Sequence[int]) -> dict[str, in
     return {p: v[0] if len(v) == 1 else v for p, v in grouped.items()}
 
 
-def build_sidecar(item: InputItem, volume: Volume, result: SegmentationResult, model_source: dict[str, Any],
-                  modality: dict[str, Any], outputs: dict[str, str], timings: dict[str, float],
-                  orientation: dict[str, Any] | None = None,
+def build_sidecar(item: InputItem | str | None, volume: Volume, result: SegmentationResult,
+                  model_source: dict[str, Any], modality: dict[str, Any], outputs: dict[str, str],
+                  timings: dict[str, float], orientation: dict[str, Any] | None = None,
                   quality: dict[int, dict[str, Any]] | None = None,
                   intensity: dict[int, dict[str, Any]] | None = None,
                   presets: Sequence[str] = ()) -> dict[str, Any]:
-    """The JSON written beside each output. ``intensity``: label value -> its intensity statistics
-    (:func:`text3dsam_cli.statistics.intensity_statistics`, ``segment --statistics``), added to each label;
-    ``presets``: the presets named on the command line, recorded when there are any."""
+    """The JSON written beside each output. ``item``: the input (its path is recorded), or the name to record
+    (None for an image that came from memory, e.g. through the Python API). ``intensity``: label value -> its
+    intensity statistics (:func:`text3dsam_cli.statistics.intensity_statistics`, ``segment --statistics``),
+    added to each label; ``presets``: the presets named on the command line, recorded when there are any."""
     sidecar = {
         "text3dsam_version": __version__,
-        "input": str(item.path),
+        "input": str(item.path) if isinstance(item, InputItem) else item,
         "input_format": volume.source_format,
         "model": model_source,
         "mode": result.mode,
@@ -381,10 +417,196 @@ def prepare_scan(volume: Volume, modality: str | None = None, window: str | tupl
                         modality=decision, window=window, orientation=info, reorientation=change)
 
 
-def model_name(segmenter: Segmenter) -> str:
-    """The model's name in DICOM outputs (algorithm name): the hub repo id, else ``Text3DSAM (<folder>)``."""
-    source = str(segmenter.model.source.get("model") or "Text3DSAM")
-    return source if segmenter.model.source.get("commit") else f"Text3DSAM ({Path(source).name})"
+def read_input(input: str | os.PathLike[str], series_uid: str | None = None) -> tuple[InputItem, Volume]:
+    """Read ONE input (a file, a DICOM series folder, an npz) by ``segment``'s rules (``expand_inputs`` then
+    ``read_volume``); a folder of several inputs is refused. What the viewer and the Python API read."""
+    items = expand_inputs([input])
+    if len(items) != 1:
+        raise UsageError(f"{os.fspath(input)}: one scan is needed, but this holds {len(items)} inputs: give one "
+                         "of them")
+    if items[0].error is not None:
+        raise InputError(items[0].error, items[0].path)
+    return items[0], read_volume(items[0].path, series_uid=series_uid)
+
+
+def orientation_table(segmenter: Segmenter) -> dict[str, Any] | None:
+    """The checkpoint's recorded ``inference.orientation`` table, checked (None: the published default)."""
+    recorded = (segmenter.model.config.inference or {}).get("orientation")
+    try:
+        return None if recorded is None else check_table(recorded)
+    except UsageError as exc:
+        raise CheckpointError(f"config.json: {exc}", segmenter.model.source.get("model")) from None
+
+
+def resolve_prompts(volume: Volume, prompts: Sequence[str], label_values: Sequence[int] | None,
+                    options: SegmentOptions,
+                    where: str | os.PathLike[str] | None = None) -> tuple[list[str], list[int]]:
+    """The prompts and label values one input is segmented with: the given prompts (checked by the prompt
+    rule, :func:`~text3dsam_cli.prompts.check_prompts`) or the input's own ``text_prompts``;
+    ``--strict-prompts`` and ``--max-prompts``; a challenge instance case's first prompt alone."""
+    where = volume.path if where is None else where
+    prompts, values, instance = prompts_for(volume, prompts, label_values)
+    if options.strict_prompts:
+        check_known_prompts(prompts, where)
+    if options.max_prompts and len(prompts) > options.max_prompts:
+        raise InputError(f"{len(prompts)} prompts, more than --max-prompts {options.max_prompts} "
+                         "(each prompt is decoded separately; raise the limit to run them all)", where)
+    return prompts_to_segment(prompts, values, instance)
+
+
+def release_intensities(volume: Volume) -> None:
+    """Let go of ``volume``'s voxels (kept: its geometry and shape), once nothing reads them any more."""
+    volume.array = np.broadcast_to(np.zeros((), dtype=volume.array.dtype), volume.array.shape)
+
+
+def segment_scan(segmenter: Segmenter, scan: PreparedScan, prompts: Sequence[str], values: Sequence[int], *,
+                 encoded: EncodedImage | None = None, probabilities: bool = False) -> SegmentationResult:
+    """The model on a prepared scan, the result brought back to the input's grid (:meth:`PreparedScan.to_input_grid`).
+
+    Without ``encoded`` the scan's image is handed over to :meth:`Segmenter.segment` (``scan.image`` is empty
+    afterwards, so that the float32 copy is freed before the label map is made); with ``encoded`` (what
+    :meth:`Segmenter.encode` made of ``scan.image``, as the viewer keeps it) only the prompts are decoded.
+    """
+    if encoded is None:
+        image, scan.image = [scan.image], np.empty(0, dtype=np.float32)
+        result = segmenter.segment(image, prompts, values, spacing=scan.spacing, keep_probabilities=probabilities)
+        del image
+    else:
+        result = segmenter.segment_encoded(encoded, prompts, values, keep_probabilities=probabilities)
+    t0 = time.perf_counter()
+    result.labels = scan.to_input_grid(result.labels)
+    if result.probabilities is not None:
+        result.probabilities = scan.to_input_grid(result.probabilities)
+    result.timings["to_input_grid"] = time.perf_counter() - t0
+    return result
+
+
+@dataclass
+class InputResult:
+    """One input segmented (:func:`segment_volume`): the result on the input's grid and its account."""
+
+    volume: Volume
+    scan: PreparedScan
+    result: SegmentationResult
+    quality: dict[int, dict[str, Any]]
+    timings: dict[str, float]
+    intensity: dict[int, dict[str, Any]] | None = None  # --statistics: label value -> intensity statistics
+    presets: tuple[str, ...] = ()
+
+    def sidecar(self, item: InputItem | str | None, model_source: dict[str, Any], outputs: dict[str, str],
+                timings: dict[str, float] | None = None) -> dict[str, Any]:
+        """The sidecar of this result (:func:`build_sidecar`)."""
+        return build_sidecar(item, self.volume, self.result, model_source, self.scan.describe(), outputs,
+                             self.timings if timings is None else timings, self.scan.orientation, self.quality,
+                             self.intensity, self.presets)
+
+
+def segment_volume(segmenter: Segmenter, volume: Volume, prompts: Sequence[str], values: Sequence[int],
+                   options: SegmentOptions, orientation: str = "auto", table: dict[str, Any] | None = None,
+                   keep_intensities: bool = False) -> InputResult:
+    """Everything ``segment`` does to one read input between reading and writing, in one call for the CLI
+    (:class:`SegmentRun`) and the Python API (:mod:`text3dsam_cli.api`): :func:`prepare_scan` (modality,
+    window, orientation), :func:`segment_scan` (encode, decode, back to the input grid) and
+    :func:`~text3dsam_cli.quality.assess_labels` (clean-up, quality figures).
+
+    ``prompts``/``values`` come from :func:`resolve_prompts` (they also take part in the modality decision).
+    Unless ``keep_intensities`` (the preview draws them) or ``options.statistics`` (intensity statistics per
+    label, :mod:`text3dsam_cli.statistics`), the volume's voxels are normalised where they lie and then let go:
+    ``volume`` keeps its geometry.
+    """
+    keep_intensities = keep_intensities or options.statistics
+    t0 = time.perf_counter()
+    scan = prepare_scan(volume, options.modality, options.window, orientation, table,
+                        in_place=not keep_intensities, prompts=prompts)
+    t_pre = time.perf_counter() - t0
+    if not keep_intensities:
+        release_intensities(volume)
+    result = segment_scan(segmenter, scan, prompts, values, probabilities=options.probabilities)
+    t0 = time.perf_counter()
+    # Clean-up (if asked) happens here, before any output is written, so every output agrees. (Not overlapped
+    # with the writes: cc3d holds the GIL for its whole labelling, which stalled them; docs/performance.md.)
+    quality = assess_labels(result.labels, result.label_values, volume.voxel_volume_ml,
+                            options.largest_component, options.min_size_ml)
+    timings = {"preprocess": t_pre, **result.timings, "quality": time.perf_counter() - t0}
+    intensity = None
+    if options.statistics:  # the input's own values inside each (cleaned) label, one pass for all labels
+        from text3dsam_cli.statistics import intensity_statistics
+
+        t0 = time.perf_counter()
+        intensity = intensity_statistics(volume.array, result.labels, result.label_values)
+        timings["statistics"] = time.perf_counter() - t0
+    return InputResult(volume, scan, result, quality, timings, intensity, tuple(options.presets))
+
+
+def model_name(model_source: dict[str, Any]) -> str:
+    """The model's name in DICOM objects: its repo id, or ``Text3DSAM (<folder name>)``."""
+    source = str(model_source.get("model") or "Text3DSAM")
+    return source if model_source.get("commit") else f"Text3DSAM ({Path(source).name})"
+
+
+def write_outputs(item: InputItem | str | None, done: InputResult, plan: OutputPlan, model_source: dict[str, Any],
+                  timings: dict[str, float] | None = None, sources: dict[str, Any] | None = None,
+                  before_sidecar: Callable[[dict[str, str], dict[str, Any]], None] | None = None,
+                  ) -> tuple[list[str], dict[str, Any]]:
+    """Write every output of ``plan`` and then the sidecar, as ``segment`` does: an in-progress marker first,
+    each file atomically, and on any failure nothing of this attempt left (the marker goes last).
+
+    ``timings`` (default ``done.timings``) gets the ``write`` time. ``before_sidecar(written, sidecar)`` runs
+    once the files are written, before the sidecar is (``--store`` sends the DICOM outputs there and records
+    it in the sidecar; if it raises, nothing of this attempt stays). Returns the written files (label map
+    first, sidecar last) and the sidecar.
+    """
+    t0 = time.perf_counter()
+    written: dict[str, str] = {}
+    created: list[str] = []
+    before = existing(plan)
+    write_marker(plan, plan.files)
+    try:
+        _write_files(done.volume, done.result, plan, written, created, model_name(model_source), sources)
+        timings = {**(done.timings if timings is None else timings), "write": time.perf_counter() - t0}
+        sidecar = done.sidecar(item, model_source, written, timings)
+        if before_sidecar is not None:
+            before_sidecar(written, sidecar)
+        write_json(plan.sidecar, sidecar)
+    except BaseException:  # nothing half-done stays: remove what this attempt wrote (the marker goes last)
+        discard_attempt(plan, created, before)
+        raise
+    remove_marker(plan)
+    files = [written["labels"], *[v for k, v in written.items() if k != "labels"], str(plan.sidecar)]
+    return files, sidecar
+
+
+def _write_files(volume: Volume, result: SegmentationResult, plan: OutputPlan, written: dict[str, str],
+                 created: list[str], name: str, sources: dict[str, Any] | None = None) -> None:
+    """Write every output of ``plan`` but the sidecar, recording each in ``written`` and ``created``."""
+    extras = plan.extras
+
+    def record(key: str, path: Path) -> None:
+        created.append(str(path))
+        written[key] = str(path)
+
+    for companion in formats.COMPANION_FORMATS:  # first: the outputs most likely to be refused
+        path = extras.get(companion.name)
+        if path is not None:
+            companion.write(volume, result.labels, result.label_values, result.prompts, path, model_name=name,
+                            sources=(sources or {}).get(companion.name))
+            record(companion.name, path)
+    record("labels", write_volume(volume.with_array(result.labels), plan.labels))  # format from the name
+    for value, prompt in zip(result.label_values, result.prompts):
+        path = extras.get(f"mask:{value}")
+        if path is not None:
+            write_volume(volume.with_array((result.labels == value).astype(np.uint8)), path)
+            record(f"mask:{prompt}", path)
+    label_format = formats.output_format(plan.labels)
+    if result.probabilities is not None and label_format is not None:
+        for key, path in label_format.write_probabilities(volume, result.probabilities, result.label_values,
+                                                          result.prompts, extras):
+            record(key, path)
+    if "preview" in extras:
+        from text3dsam_cli.preview import write_preview
+
+        write_preview(volume, result.labels, result.label_values, result.prompts, extras["preview"])
+        record("preview", extras["preview"])
 
 
 class SegmentRun:
@@ -398,19 +620,11 @@ class SegmentRun:
         if self.label_values is not None and len(self.label_values) != len(prompts):
             raise UsageError("one label value per prompt is needed")
         self.read_ahead = max(0, read_ahead)
-        self.prompts = [str(p) for p in prompts]
-        if any(not p.strip() for p in self.prompts):
-            raise UsageError("empty prompt: prompts must contain text")
+        self.prompts = check_prompts(prompts)
         check_options(options)
         self.options = options
         self.orientation = check_request(options.orientation)
-        if options.min_size_ml is not None and not options.min_size_ml >= 0:
-            raise UsageError("--min-size-ml must be a volume in ml >= 0")
-        recorded = (segmenter.model.config.inference or {}).get("orientation")
-        try:
-            self.orientation_table = None if recorded is None else check_table(recorded)
-        except UsageError as exc:
-            raise CheckpointError(f"config.json: {exc}", segmenter.model.source.get("model")) from None
+        self.orientation_table = orientation_table(segmenter)
         self.on_event = on_event or (lambda kind, data: None)
         self._on_server: set[int] = set()  # plans skipped because the DICOMweb server holds their outputs
 
@@ -424,7 +638,8 @@ class SegmentRun:
         look-up marks the input failed)."""
         o = self.options
         try:
-            stored = dicomweb.already_stored(item.path, o.series_uid, self.prompts, model_name(self.segmenter),
+            stored = dicomweb.already_stored(item.path, o.series_uid, self.prompts,
+                                             model_name(self.segmenter.model.source),
                                              [c.name for c in companions(o)], o.store_to, o.dicomweb_token)
             if stored:
                 self._on_server.add(id(plan))
@@ -471,6 +686,7 @@ class SegmentRun:
         of some inputs already under way (index -> future :class:`Volume`, as :func:`read_volume` gives);
         the run takes them out of the mapping."""
         start = time.perf_counter()
+        check_input_prompts(items, self.prompts)
         plans = [self._plan(item, out) for item, out in zip(items, plan_outputs(items, self.options))]
         claims = Claims(item.path for item in items)
         for item, plan in zip(items, plans):
@@ -513,115 +729,37 @@ class SegmentRun:
         t_read = time.perf_counter()
         volume: Volume = future.result()
         waited = time.perf_counter() - t_read
-        prompts, values, instance = prompts_for(volume, self.prompts, self.label_values)
-        if self.options.strict_prompts:
-            check_known_prompts(prompts, item.path)
-        if self.options.max_prompts and len(prompts) > self.options.max_prompts:
-            raise InputError(f"{len(prompts)} prompts, more than --max-prompts {self.options.max_prompts} "
-                             "(each prompt is decoded separately; raise the limit to run them all)", item.path)
-        wanted = companions(self.options)
+        o = self.options
+        prompts, values = resolve_prompts(volume, self.prompts, self.label_values, o, item.path)
+        wanted = companions(o)
         for companion in wanted:
             if volume.source_format != companion.source_format:
                 raise InputError(f"{option_name(companion)} needs a DICOM series input", item.path)
         # Refuse a series that cannot be referenced before the model runs (what is read is kept for writing).
         sources = {companion.name: companion.check_source(volume) for companion in wanted}
-        o = self.options
         if not is_orthogonal(volume.direction) and any(
                 not fmt.keeps_shear for fmt in map(formats.output_format, plan.files) if fmt is not None):
             raise InputError(SHEARED_NIFTI, item.path)
-        t0 = time.perf_counter()
-        # Only the preview and --statistics read the input's intensities; otherwise normalise a float input where
-        # it lies.
-        keep_values = o.preview or o.statistics
-        scan = prepare_scan(volume, self.options.modality, self.options.window, self.orientation,
-                            self.orientation_table, in_place=not keep_values, prompts=prompts)
-        t_pre = time.perf_counter() - t0
-        prompts, values = prompts_to_segment(prompts, values, instance)
-        # The model input is handed over (no other reference kept), so that it is freed before the upsampling;
-        # nothing after this reads the input's voxels (but the preview and --statistics): keep its geometry, free its
-        # array.
-        image, scan.image = [scan.image], np.empty(0, dtype=np.float32)
-        if not keep_values:
-            volume.array = np.broadcast_to(np.zeros((), dtype=volume.array.dtype), volume.array.shape)
-        result = self.segmenter.segment(image, prompts, values, spacing=scan.spacing,
-                                        keep_probabilities=self.options.probabilities)
-        del image
-        result.labels = scan.to_input_grid(result.labels)
-        if result.probabilities is not None:
-            result.probabilities = scan.to_input_grid(result.probabilities)
-        t0 = time.perf_counter()
-        # Clean-up (if asked) happens here, before any output is written, so every output agrees. (Not overlapped
-        # with the writes: cc3d holds the GIL for its whole labelling, which stalled them; docs/performance.md.)
-        quality = assess_labels(result.labels, result.label_values, volume.voxel_volume_ml,
-                                o.largest_component, o.min_size_ml)
-        t_quality = time.perf_counter() - t0
-        intensity, t_statistics = None, 0.0
-        if o.statistics:
-            from text3dsam_cli.statistics import intensity_statistics
-
-            t0 = time.perf_counter()
-            intensity = intensity_statistics(volume.array, result.labels, result.label_values)
-            t_statistics = time.perf_counter() - t0
+        # Only the preview shows the input's intensities; otherwise they are let go once normalised.
+        done = segment_volume(self.segmenter, volume, prompts, values, o, self.orientation,
+                              self.orientation_table, keep_intensities=o.preview)
+        result = done.result
         final = plan_files(plan.labels, FILE_SUFFIXES, result.label_values, o.split, o.probabilities and
                            result.probabilities is not None, o.preview, wanted)
         if final.files != plan.files:  # label values known only now (an npz's own prompts): check again
             problem = claims.claim(final, str(item.path))
             if problem is not None:
                 raise InputError(problem, item.path)
-        t0 = time.perf_counter()
-        written: dict[str, str] = {}
-        created: list[str] = []
-        before = existing(final)
-        write_marker(final, final.files)
-        try:
-            self._write_all(item, volume, result, final, written, created, sources)
-            timings = {"read_wait": waited, "preprocess": t_pre, **result.timings, "quality": t_quality,
-                       **({"statistics": t_statistics} if intensity is not None else {}),
-                       "write": time.perf_counter() - t0}
-            sidecar = build_sidecar(item, volume, result, dict(self.segmenter.model.source), scan.describe(),
-                                    written, timings, scan.orientation, quality, intensity, o.presets)
-            if "dicomweb" in volume.meta or o.store or o.store_to:  # the server it came from, what went back
+        store = o.store or bool(o.store_to)
+
+        def dicomweb_record(written: dict[str, str], sidecar: dict[str, Any]) -> None:
+            """The server the input came from, and what went back to it (``--store``)."""
+            if "dicomweb" in volume.meta or store:
                 sidecar["dicomweb"] = dict(volume.meta.get("dicomweb", {}))
-                if o.store or o.store_to:
+                if store:
                     sidecar["dicomweb"]["store"] = dicomweb.store_outputs(
                         item.path, written, [c.name for c in wanted], o.store_to, o.dicomweb_token)
-            write_json(final.sidecar, sidecar)
-        except BaseException:  # nothing half-done stays: remove what this attempt wrote (the marker goes last)
-            discard_attempt(final, created, before)
-            raise
-        remove_marker(final)
-        files = [written["labels"], *[v for k, v in written.items() if k != "labels"], str(final.sidecar)]
+
+        files, sidecar = write_outputs(item, done, final, dict(self.segmenter.model.source),
+                                       {"read_wait": waited, **done.timings}, sources, dicomweb_record)
         return ItemOutcome(str(item.path), "ok", files, sidecar=sidecar)
-
-    def _write_all(self, item: InputItem, volume: Volume, result: SegmentationResult, plan: OutputPlan,
-                   written: dict[str, str], created: list[str], sources: dict[str, Any] | None = None) -> None:
-        """Write every output of ``plan`` but the sidecar, recording each in ``written`` and ``created``."""
-        extras = plan.extras
-
-        def record(key: str, path: Path) -> None:
-            created.append(str(path))
-            written[key] = str(path)
-
-        name = model_name(self.segmenter)
-        for companion in formats.COMPANION_FORMATS:  # first: the outputs most likely to be refused
-            path = extras.get(companion.name)
-            if path is not None:
-                companion.write(volume, result.labels, result.label_values, result.prompts, path, model_name=name,
-                                sources=(sources or {}).get(companion.name))
-                record(companion.name, path)
-        record("labels", write_volume(volume.with_array(result.labels), plan.labels))  # format from the name
-        for value, prompt in zip(result.label_values, result.prompts):
-            path = extras.get(f"mask:{value}")
-            if path is not None:
-                write_volume(volume.with_array((result.labels == value).astype(np.uint8)), path)
-                record(f"mask:{prompt}", path)
-        label_format = formats.output_format(plan.labels)
-        if result.probabilities is not None and label_format is not None:
-            for key, path in label_format.write_probabilities(volume, result.probabilities, result.label_values,
-                                                              result.prompts, extras):
-                record(key, path)
-        if "preview" in extras:
-            from text3dsam_cli.preview import write_preview
-
-            write_preview(volume, result.labels, result.label_values, result.prompts, extras["preview"])
-            record("preview", extras["preview"])

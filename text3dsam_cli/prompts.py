@@ -8,8 +8,15 @@ applies everywhere; a violation is a one-line :class:`~text3dsam_cli.errors.Inpu
 
 * every key but ``instance_label`` is a label value: an integer 1..65535 written in decimal digits; two keys
   with the same value (``"1"`` and ``"01"``) are a repeat and refused;
-* every value is a prompt text or a list of phrasings, each a non-empty string (the first is the prompt);
+* every value is a prompt text or a list of phrasings, each a string that is a prompt (the first is the prompt);
 * ``instance_label``, when present, is 0, 1, true or false (JSON booleans, or those words/digits as text).
+
+**Prompt text.** One rule (:func:`prompt_problem`) for every prompt, wherever it comes from (command line,
+prompt files, npz ``text_prompts``, the Python API, the viewer): a prompt must be valid text (no lone
+surrogates, e.g. the ``'\\udcff'`` that stands for a byte that is not UTF-8 on a command line) and must hold at
+least one character that is not whitespace, a control or format character (NUL, zero-width space U+200B, ...),
+a combining mark or U+FFFD: the text BERT's normalisation keeps. :func:`check_prompts` raises the
+:class:`~text3dsam_cli.errors.UsageError` for a prompt given to segment (exit status 2, before the model loads).
 
 **Vocabulary.** The phrasings the model was trained on (the CVPR 2025 text-guided 3D segmentation
 challenge's prompt list), grouped into classes named by their first phrasing, per modality, shipped as
@@ -23,13 +30,14 @@ from __future__ import annotations
 import functools
 import json
 import re
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from text3dsam_cli.errors import InputError
+from text3dsam_cli.errors import InputError, UsageError
 
 if TYPE_CHECKING:
     from text3dsam_cli.io.volume import Volume
@@ -43,6 +51,9 @@ __all__ = [
     "VocabularyMatch",
     "add_presets",
     "check_known_prompts",
+    "check_label_map_prompts",
+    "check_prompt",
+    "check_prompts",
     "describe_unknown",
     "find_preset",
     "is_label_map",
@@ -53,12 +64,14 @@ __all__ = [
     "parse_label_map",
     "parse_phrasings",
     "prompt_modality",
+    "prompt_problem",
     "prompts_for",
     "read_json_object",
     "read_labels_json",
     "read_prompt_collection",
     "read_prompt_file",
     "search_vocabulary",
+    "show_prompt",
     "unknown_prompts",
 ]
 
@@ -118,12 +131,76 @@ def _instance_flag(value: Any, where: str | Path | None, context: str) -> bool:
     raise InputError(f"{context}'{INSTANCE_KEY}' must be 0, 1, true or false, got {value!r}", where)
 
 
+#: Unicode categories that hold no text for the model: controls, format characters (zero-width space U+200B,
+#: joiners, BOM, ...), separators and combining marks (BERT's normalisation drops or splits on all of them).
+_NOT_TEXT = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp", "Mn", "Me"})
+
+
+def prompt_problem(text: Any) -> str | None:
+    """What makes ``text`` no prompt, or None when it is one: the one rule for every prompt (module docstring).
+
+    Not a string: ``"is not text"``; a lone surrogate (``'\\udcff'``: a byte that is not UTF-8, as Python
+    passes it from a command line; or ``"\\ud800"`` from JSON): ``"is not valid text ..."``; nothing left once
+    whitespace, control and format characters, combining marks and U+FFFD are taken out: ``"is empty ..."``.
+    """
+    if not isinstance(text, str):
+        return f"is not text ({type(text).__name__})"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = text[exc.start]
+        if "\udc80" <= bad <= "\udcff":  # surrogateescape: the byte the command line or file held
+            return f"is not valid text (byte 0x{ord(bad) - 0xDC00:02x} is not UTF-8)"
+        return f"is not valid text (lone surrogate U+{ord(bad):04X})"
+    for char in text:
+        if char != "\ufffd" and not char.isspace() and unicodedata.category(char) not in _NOT_TEXT:
+            return None
+    if not text:
+        return "is empty"
+    return "is empty: it holds only spaces, control or invisible characters"
+
+
+def show_prompt(text: Any) -> str:
+    """A prompt quoted for a one-line message: ``repr`` escapes line breaks, control and invisible characters
+    and surrogates, so the message prints on any terminal."""
+    shown = repr(text)
+    return shown if len(shown) <= 80 else shown[:76] + "...'"
+
+
+def check_prompt(text: Any, where: str | Path | None = None, context: str = "") -> str:
+    """``text`` when it is a prompt (:func:`prompt_problem`), else a one-line UsageError naming it (and ``where``)."""
+    problem = prompt_problem(text)
+    if problem is not None:
+        raise UsageError(f"{context}prompt {show_prompt(text)} {problem}", where)
+    return text
+
+
+def check_prompts(prompts: Sequence[Any], where: str | Path | None = None, context: str = "") -> list[str]:
+    """Every prompt checked by :func:`check_prompt` (the first bad one raises); the prompts as a list."""
+    return [check_prompt(p, where, context) for p in prompts]
+
+
+def check_label_map_prompts(data: Any, where: str | Path | None = None, context: str = "") -> None:
+    """Every string phrasing of a label map (a prompt file, an npz's ``text_prompts``) checked by
+    :func:`check_prompt` (a UsageError); everything else about the map is :func:`parse_label_map`'s."""
+    if not isinstance(data, Mapping):
+        return
+    for key, value in data.items():
+        if key == INSTANCE_KEY:
+            continue
+        for text in (value if isinstance(value, (list, tuple)) else [value]):
+            if isinstance(text, str):
+                check_prompt(text, where, f"{context}label {key!r}: ")
+
+
 def parse_phrasings(value: Any, key: Any, where: str | Path | None = None, context: str = "") -> tuple[str, ...]:
-    """A label's prompt text or list of phrasings, each a non-empty string (else an InputError)."""
+    """A label's prompt text or list of phrasings, each a prompt by :func:`prompt_problem` (else an InputError)."""
     texts = list(value) if isinstance(value, (list, tuple)) else [value]
-    if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+    problems = [prompt_problem(t) for t in texts]
+    if not texts or any(problems):
+        detail = next((f"; {show_prompt(t)} {p}" for t, p in zip(texts, problems) if p and isinstance(t, str)), "")
         raise InputError(f"{context}label {key!r} needs a non-empty prompt text (or a list of them), "
-                         f"got {value!r}", where)
+                         f"got {show_prompt(value)}{detail}", where)
     return tuple(texts)
 
 
@@ -183,15 +260,24 @@ def read_prompt_file(path: str | Path) -> tuple[list[str], list[int]]:
     comments skipped)."""
     path = Path(path)
     if path.suffix.lower() == ".json":
-        label_map = parse_label_map(read_json_object(path), path)
+        data = read_json_object(path)
+        check_label_map_prompts(data, path)
+        label_map = parse_label_map(data, path)
         return [p.strip() for p in label_map.prompts], list(label_map.values)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise InputError("no such prompt file", path) from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"the prompt file is not valid UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                         f"{exc.start})", path) from None
+    except OSError as exc:
         raise InputError(f"cannot read the prompt file ({exc})", path) from None
-    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    lines = [(number, line.strip()) for number, line in enumerate(text.splitlines(), 1)
+             if line.strip() and not line.lstrip().startswith("#")]
+    for number, line in lines:
+        check_prompt(line, path, f"line {number}: ")
+    prompts = [line for _, line in lines]
     if not prompts:
         raise InputError("no prompts in the file", path)
     return prompts, list(range(1, len(prompts) + 1))
@@ -204,10 +290,11 @@ def prompts_for(volume: Volume, prompts: Sequence[str],
     phrasings takes its first, as the challenge does)."""
     if prompts:
         values = list(label_values) if label_values is not None else list(range(1, len(prompts) + 1))
-        return list(prompts), values, False
+        return check_prompts(prompts), values, False
     stored = volume.meta.get("text_prompts")
     if not stored:
         raise InputError("no prompts: give PROMPT arguments (this input carries no text_prompts)", volume.path)
+    check_label_map_prompts(stored, volume.path, "text_prompts: ")
     label_map = parse_label_map(stored, volume.path, "text_prompts: ")
     return label_map.prompts, list(label_map.values), bool(label_map.instance)
 
@@ -488,7 +575,8 @@ def search_vocabulary(query: str = "", modality: str | None = None,
 
     A class scores the best of rapidfuzz's partial ratio of the query against its name and (10 points lower)
     against its phrasings; classes scoring at least :data:`SEARCH_CUTOFF` are kept, ties ordered by the
-    whole-name similarity, then name. An empty query lists every class. ``modality`` (CT, MR, PET/PT, US,
+    whole-name similarity, then name. An empty query lists every class; a query with no letter or digit
+    (``%``, ``.*``, an emoji) matches none. ``modality`` (CT, MR, PET/PT, US,
     Microscopy; any case) filters; ``limit`` caps the number of results.
     """
     from rapidfuzz import fuzz
@@ -499,6 +587,8 @@ def search_vocabulary(query: str = "", modality: str | None = None,
         entries = [e for e in entries if e.modality.casefold() == wanted]
     key = normalize_text(query)
     if not key:
+        if query.strip():  # text, but no letter or digit to match ("%", ".*", an emoji): nothing matches
+            return []
         return entries[:limit] if limit is not None else entries
     scored = []
     for entry in entries:

@@ -156,6 +156,7 @@ def segment_command(
     from text3dsam_cli.orientation import check_request
     from text3dsam_cli.prompts import (
         add_presets,
+        check_prompts,
         describe_unknown,
         find_preset,
         match_prompt,
@@ -169,9 +170,7 @@ def segment_command(
     if not is_debug():
         silence_itk_warnings()
 
-    prompts = list(prompts or [])
-    if any(not p.strip() for p in prompts):
-        raise UsageError("empty prompt: every PROMPT must contain text")
+    prompts = check_prompts(list(prompts or []))  # empty, invisible or not UTF-8: exit 2 before anything else
     for prompt in prompts:
         if ("/" in prompt or os.sep in prompt or formats.input_format(prompt)) and os.path.exists(prompt):
             raise UsageError(f"prompt {prompt!r} is an existing path: segment takes ONE input (a file, a folder "
@@ -209,7 +208,7 @@ def segment_command(
     from text3dsam_cli.devices import set_threads
     from text3dsam_cli.inference import Segmenter
     from text3dsam_cli.model import load_model
-    from text3dsam_cli.pipeline import SegmentOptions, SegmentRun, check_options, plan_outputs
+    from text3dsam_cli.pipeline import SegmentOptions, SegmentRun, check_input_prompts, check_options, plan_outputs
 
     options = SegmentOptions(output=output, fmt=fmt, series_uid=series, modality=modality, window=window,
                              orientation=orientation, split=split, probabilities=probabilities, preview=preview,
@@ -221,6 +220,7 @@ def segment_command(
     check_options(options)
     set_threads(threads)
     plan_outputs(items, options)  # usage errors (-o one file for several inputs) before the model loads
+    check_input_prompts(items, prompts)  # an npz's own text_prompts too
     if not quiet:
         err_console.print(f"[dim]{len(items)} input(s); loading model…[/]")
     net = load_model(model, revision)

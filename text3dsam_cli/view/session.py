@@ -18,10 +18,22 @@ import numpy as np
 
 from text3dsam_cli.errors import UsageError
 from text3dsam_cli.inference import EncodedImage, SegmentationResult, Segmenter
-from text3dsam_cli.io import InputItem, Volume, expand_inputs, read_volume, strip_image_suffix, write_volume
-from text3dsam_cli.pipeline import PreparedScan, build_sidecar, label_statistics, prepare_scan
+from text3dsam_cli.io import InputItem, Volume, strip_image_suffix, write_volume
+from text3dsam_cli.pipeline import (
+    PreparedScan,
+    build_sidecar,
+    label_statistics,
+    orientation_table,
+    prepare_scan,
+    read_input,
+    segment_scan,
+)
 from text3dsam_cli.preprocess import DEFAULT_WINDOW
+from text3dsam_cli.prompts import check_prompts as check_prompt_texts
 from text3dsam_cli.quality import assess_labels
+
+__all__ = ["CT_PRESETS", "MAX_PROMPTS", "MAX_PROMPT_CHARS", "ViewSession", "check_prompts", "nifti_bytes",
+           "read_input"]
 
 #: Most prompts one request may carry, and the longest prompt (characters).
 MAX_PROMPTS = 64
@@ -50,7 +62,7 @@ class ViewSession:
             path = Path(volume.path or "scan")
             item = InputItem(path, volume.source_format, strip_image_suffix(path.name))
         self.item = item
-        self.scan: PreparedScan = prepare_scan(volume, modality, window)
+        self.scan: PreparedScan = prepare_scan(volume, modality, window, table=orientation_table(segmenter))
         self.encoded: EncodedImage | None = None
         self.result: SegmentationResult | None = None
         self.last_timings: dict[str, float] = {}
@@ -89,14 +101,13 @@ class ViewSession:
                 self.last_timings = {"encode": encode, "total": time.perf_counter() - t0}
                 return self.describe()
             assert self.encoded is not None
-            result = self.segmenter.segment_encoded(self.encoded, prompts)
-            t1 = time.perf_counter()
-            result.labels = self.scan.to_input_grid(result.labels)
-            to_grid = time.perf_counter() - t1
+            # segment's own step: decode, then back to the input grid (text3dsam_cli.pipeline.segment_scan)
+            result = segment_scan(self.segmenter, self.scan, prompts, list(range(1, len(prompts) + 1)),
+                                  encoded=self.encoded)
             self.result = result
             self._labels_bytes = None
             self.last_timings = {"encode": encode, **{k: v for k, v in result.timings.items() if k != "total"},
-                                 "to_input_grid": to_grid, "total": time.perf_counter() - t0}
+                                 "total": time.perf_counter() - t0}
             return self.describe()
 
     # -- answers ----------------------------------------------------------------------------------------------
@@ -162,21 +173,13 @@ class ViewSession:
                                  self.scan.orientation, self._quality())
 
 
-def read_input(input: str, series_uid: str | None = None) -> tuple[InputItem, Volume]:
-    """Read one input (file, DICOM folder, npz) by ``segment``'s rules; a folder of several inputs is refused."""
-    items = expand_inputs([input])
-    if len(items) != 1:
-        raise UsageError(f"{input}: view shows one scan, but this holds {len(items)} inputs: give one of them")
-    return items[0], read_volume(items[0].path, series_uid=series_uid)
-
-
 def check_prompts(prompts: Any) -> list[str]:
-    """The request's prompt list, validated: strings, non-empty, distinct, not too many or too long."""
+    """The request's prompt list, validated: strings that are prompts by the one prompt rule
+    (:func:`text3dsam_cli.prompts.check_prompts`: not empty, not invisible, valid text), distinct, not too many
+    or too long."""
     if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
         raise UsageError('"prompts" must be a list of strings')
-    cleaned = [p.strip() for p in prompts]
-    if any(not p for p in cleaned):
-        raise UsageError("empty prompt: every prompt must contain text")
+    cleaned = [p.strip() for p in check_prompt_texts(prompts)]
     if len(cleaned) > MAX_PROMPTS:
         raise UsageError(f"too many prompts ({len(cleaned)}; at most {MAX_PROMPTS})")
     if any(len(p) > MAX_PROMPT_CHARS for p in cleaned):
