@@ -215,3 +215,19 @@ def test_import_stays_light():
     code = ("import sys, text3dsam_cli; assert 'torch' not in sys.modules and 'numpy' not in sys.modules; "
             "assert callable(text3dsam_cli.segment) and 'torch' in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_statistics_and_presets_as_segment_gives_them(api, small_checkpoint, tmp_path):
+    """``statistics=True`` and ``presets=`` give the sidecar ``segment --statistics --preset`` writes."""
+    result = runner.invoke(app, ["segment", str(CT), "liver", "--preset", "CT_AMOS", "--statistics", "-m",
+                                 str(small_checkpoint), "--device", "cpu", "-o", str(tmp_path / "cli.nii.gz"), "-q"])
+    assert result.exit_code == 0, result.output
+    cli_sidecar = json.loads((tmp_path / "cli.json").read_text())
+    seg = api.segment(CT, ["liver"], statistics=True, presets="CT_AMOS")
+    assert seg.sidecar["presets"] == cli_sidecar["presets"] == ["CT_AMOS"]
+    assert seg.prompts == list(cli_sidecar["prompts"]) and len(seg.prompts) > 2
+    assert seg.sidecar["labels"] == cli_sidecar["labels"]
+    assert any(entry["intensity"]["mean"] is not None for entry in seg.sidecar["labels"])
+    assert seg.sidecar["modality"] == cli_sidecar["modality"]
+    with pytest.raises(UsageError, match="CT_AMSO"):
+        api.segment(CT, ["liver"], presets=["CT_AMSO"])

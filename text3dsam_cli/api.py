@@ -87,7 +87,10 @@ def _renamed(exc: Text3DSAMError, name: str) -> Text3DSAMError:
     text = str(exc)
     if exc.path and text.startswith(f"{exc.path}: "):
         text = text[len(exc.path) + 2:]
-    return type(exc)(text, name)
+    renamed = type(exc).__new__(type(exc))  # the same type and attributes (e.g. NonFiniteValues.kind)
+    renamed.__dict__.update(exc.__dict__)
+    Text3DSAMError.__init__(renamed, text, name)  # another message and path
+    return renamed
 
 
 @dataclass
