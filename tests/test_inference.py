@@ -61,6 +61,26 @@ def test_gaussian_weights_peak_in_centre():
     assert float(w[0, 0, 0]) < float(w[2, 4, 4])
 
 
+#: Labels at least this large in either map must agree by Dice >= MIN_LABEL_DICE (on top of the voxel floor), so
+#: that a small structure cannot vanish under the whole-volume agreement.
+MIN_LABEL_VOXELS = 200
+MIN_LABEL_DICE = 0.99
+
+
+def assert_labels_agree(ours: np.ndarray, theirs: np.ndarray, case: str) -> dict[int, float]:
+    """Dice per label value with >= MIN_LABEL_VOXELS voxels in either map; every one >= MIN_LABEL_DICE."""
+    values = set(np.unique(ours).tolist()) | set(np.unique(theirs).tolist())
+    dice = {}
+    for value in sorted(values - {0}):
+        a, b = ours == value, theirs == value
+        size_a, size_b = int(a.sum()), int(b.sum())
+        if max(size_a, size_b) >= MIN_LABEL_VOXELS:
+            dice[value] = 2 * int((a & b).sum()) / (size_a + size_b)
+    low = {v: round(d, 5) for v, d in dice.items() if d < MIN_LABEL_DICE}
+    assert not low, f"{case}: labels with Dice < {MIN_LABEL_DICE} against the authors' map: {low}"
+    return dice
+
+
 def _case(name):
     volume = read_challenge_npz(CHALLENGE / f"{name}.npz")
     prompts, values, instance = prompts_for(volume, [])
@@ -85,19 +105,22 @@ def test_segmenter_matches_authors_procedure_on_real_case(small_model):
     theirs = whole_volume_reference(small_model, image, prompts, values)
     assert ours.shape == volume.shape
     assert (ours == theirs).mean() >= 0.999
+    assert len(assert_labels_agree(ours, theirs, "BraTS")) >= 1
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["MR_BraTS-T1c_bratsgli_0017", "US_Cardiac_patient0027_2CH_half_sequence",
                                   "CT_AMOS_amos_0018"])
 def test_label_maps_equal_authors_pred_segs(full_model, case):
-    """pred.py parity with the full test checkpoint (>= 99.9 % of voxels; ties within float error may flip)."""
+    """pred.py parity with the full test checkpoint (>= 99.9 % of voxels; ties within float error may flip), and
+    per label: Dice >= 0.99 for every label with >= 200 voxels."""
     volume, prompts, values, instance = _case(case)
     prompts, values = prompts_to_segment(prompts, values, instance)
     result = Segmenter(full_model, device="cpu").segment(volume.array.astype(np.float32), prompts, values)
     expected = np.load(REFERENCE / "pred_segs" / f"{case}.npz")["segs"]
     agreement = (result.labels == expected).mean()
     assert agreement >= 0.999, f"{case}: {agreement:.6f}"
+    assert len(assert_labels_agree(result.labels, expected, case)) >= 1
 
 
 def test_instance_case_uses_first_prompt_binary(small_model):
