@@ -9,6 +9,7 @@ importance map through ``process_fn``; that map is checked against ``compute_imp
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -57,7 +58,7 @@ def test_window_placement_covers_every_voxel_and_ends_flush(window):
         for size in range(window, 3 * window + 9):
             starts = window_starts(size, window, step)
             assert starts[0] == 0 and starts[-1] == size - window, (size, window, step, starts)
-            assert all(0 < b - a <= step for a, b in zip(starts, starts[1:])), (size, window, step, starts)
+            assert all(0 < b - a <= step for a, b in itertools.pairwise(starts)), (size, window, step, starts)
             assert (_coverage(size, window, step) > 0).all(), (size, window, step, starts)
     assert window_starts(window - 5, window, 8) == [0]  # smaller than one window: padded, one window
 
