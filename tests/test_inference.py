@@ -44,6 +44,22 @@ def test_upsample_argmax_ties_go_to_earlier_entry():
     assert (labels == 0).all()
 
 
+@pytest.mark.parametrize("shape", [(7, 33, 20), (40, 17, 9), (30, 64, 48)])
+@pytest.mark.parametrize("earlier", [25.0, 15.0])
+@pytest.mark.parametrize("force_cells", [False, True])
+def test_saturated_prompts_tie_to_the_earlier_one(shape, earlier, force_cells):
+    """A later prompt far above an earlier one that saturates too: both are probability 1.0 in float32, so the
+    authors' argmax keeps the earlier prompt (at +15 the earlier one saturates only in places)."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 4, 8, 6, generator=gen) * 3
+    logits[0] += earlier
+    logits[1] += 45.0
+    labels, _ = upsample_argmax(logits, shape, [1, 2, 3], force_cells=force_cells)
+    expected, _ = _reference_argmax(logits, shape, [1, 2, 3])
+    assert (expected == 1).mean() > 0.1
+    assert (labels == expected).mean() >= 0.999
+
+
 def test_large_label_values_use_uint16():
     labels, _ = upsample_argmax(torch.ones(1, 2, 2, 2), (3, 3, 3), [300])
     assert labels.dtype == np.uint16 and (labels == 300).all()
@@ -127,8 +143,13 @@ def test_instance_case_uses_first_prompt_binary(small_model):
     volume, prompts, values, instance = _case("Microscopy_SELMA3D_patchvolume_nuclei_004_crop")
     assert instance
     prompts, values = prompts_to_segment(prompts, values, instance)
-    result = Segmenter(small_model, device="cpu").segment(volume.array.astype(np.float32), prompts, values)
+    image = volume.array.astype(np.float32)
+    result = Segmenter(small_model, device="cpu").segment(image, prompts, values)
     assert result.label_values == [1] and set(np.unique(result.labels)) <= {0, 1}
+    theirs = whole_volume_reference(small_model, image, prompts, values)
+    assert int(theirs.sum()) >= 200 and int(result.labels.sum()) >= 200  # not empty
+    assert (result.labels == theirs).mean() >= 0.999
+    assert assert_labels_agree(result.labels, theirs, "SELMA3D crop")[1] >= 0.99
 
 
 def test_sliding_single_window_equals_whole_volume(small_model):
