@@ -417,3 +417,28 @@ def test_ground_truth_with_nan_says_so(folders):
     _write(folders[1] / "CT_x_gt.npz", gts=np.full((2, 2, 2), np.nan, np.float32), spacing=np.ones(3))
     assert "'gts' holds NaN values" in evaluate_folder(*folders)["failed"]["CT_x.npz"]
 
+
+@needs_data
+@pytest.mark.parametrize("case", [CT, US])
+def test_anisotropic_nifti_pair_scores_as_the_official_script(tmp_path, case):
+    """A NIfTI pair on an anisotropic grid (CT 0.846 x 0.846 x 5 mm; US 1.232 x 1.232 x 1 mm) scores what the
+    organisers' script gave for the same arrays and spacing as challenge npz (OFFICIAL_XYZ): the NIfTI path reads
+    the spacing from the header in the right order."""
+    from text3dsam_cli.io import read_text_prompts
+
+    stem = case[: -len(".npz")]
+    spacing = [float(s) for s in np.load(CHALLENGE / case)["spacing"]]  # x, y, z
+    assert max(spacing) / min(spacing) > 1.2
+    pred, gt = tmp_path / "pred", tmp_path / "gt"
+    pred.mkdir()
+    gt.mkdir()
+    arrays = {pred: np.load(PRED_SEGS / case)["segs"], gt: np.load(CHALLENGE / f"{stem}_gt.npz")["gts"]}
+    for folder, array in arrays.items():
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing(spacing)
+        sitk.WriteImage(image, str(folder / f"{stem}.nii.gz"))
+    prompts = read_text_prompts(CHALLENGE / case)
+    (tmp_path / "labels.json").write_text(json.dumps(prompts))
+    results = evaluate_folder(pred, gt, labels_json=tmp_path / "labels.json")
+    assert results["details"][f"{stem}.nii.gz"]["spacing"] == pytest.approx(spacing)
+    _assert_official({case: results["cases"][f"{stem}.nii.gz"]}, {case: OFFICIAL_XYZ[case]})

@@ -260,3 +260,41 @@ def test_nifti_stream_stopping_half_way_never_reaches_the_final_name(tmp_path: P
         with pytest.raises(OutputError, match="write failed"):
             write_volume(volume, tmp_path / f"seg{suffix}")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("source", [SOURCES[0], SOURCES[2], SOURCES[4]], ids=lambda p: p.parent.name)
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".mha"])
+def test_one_voxel_lands_where_an_independent_reader_expects_it(tmp_path: Path, source: Path, suffix: str) -> None:
+    """One labelled voxel at a known (z, y, x) index: nibabel (NIfTI) or SimpleITK (NRRD, MetaImage) finds it in
+    the written file at the same physical point as SimpleITK finds that index of the source."""
+    import nibabel as nib
+    import SimpleITK as sitk
+
+    image = read_volume(source)
+    z, y, x = (n // 3 for n in image.shape)
+    labels = np.zeros(image.shape, dtype=np.uint8)
+    labels[z, y, x] = 5
+    out = write_label_map(labels, image, tmp_path / f"seg{suffix}")
+    if source.is_dir():
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(source)))
+        reference = reader.Execute()
+    else:
+        reference = sitk.ReadImage(str(source))
+    expected = np.array(reference.TransformIndexToPhysicalPoint((x, y, z)))  # LPS mm
+    if suffix == ".nii.gz":
+        written = nib.load(out)
+        data = np.asarray(written.dataobj)
+        assert data.shape == (image.shape[2], image.shape[1], image.shape[0])  # nibabel's (i, j, k) = (x, y, z)
+        found = np.argwhere(data)
+        assert found.tolist() == [[x, y, z]] and data[x, y, z] == 5
+        ras = written.affine @ np.array([x, y, z, 1.0])
+        point = np.array([-ras[0], -ras[1], ras[2]])  # RAS -> LPS
+        tolerance = 1e-3  # the affine is stored in float32
+    else:
+        written = sitk.ReadImage(str(out))
+        data = sitk.GetArrayFromImage(written)
+        assert np.argwhere(data).tolist() == [[z, y, x]] and data[z, y, x] == 5
+        point = np.array(written.TransformIndexToPhysicalPoint((x, y, z)))
+        tolerance = 1e-6
+    np.testing.assert_allclose(point, expected, rtol=0, atol=tolerance)

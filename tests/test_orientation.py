@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 
 import nibabel as nib
 import numpy as np
@@ -150,3 +151,59 @@ def test_grid_reorientation_equals_nearest_resampling(seed: int) -> None:
     shifted = Volume(volume.array, volume.spacing, tuple(np.add(volume.origin, (0.3, 0, 0))), volume.direction)
     finer = Volume(volume.array, (0.35, 1.1, 2.5), volume.origin, volume.direction)
     assert grid_reorientation(volume, shifted) is None and grid_reorientation(volume, finer) is None
+
+
+# ----------------------------------------------------------------- the default table against the training data
+
+CHALLENGE = DATA / "challenge"
+
+
+def _organ_centroids(case: str, names: dict[str, str]) -> dict[str, np.ndarray]:
+    """(z, y, x) centroid of each named organ in a challenge case's ground truth; the label ids are looked up by
+    the organ's name in the case's own ``text_prompts``."""
+    from text3dsam_cli.io import read_challenge_npz
+
+    prompts = read_challenge_npz(CHALLENGE / f"{case}.npz").meta["text_prompts"]
+    gts = np.load(CHALLENGE / f"{case}_gt.npz")["gts"]
+    found = {}
+    for organ, phrase in names.items():
+        ids = [int(k) for k, text in prompts.items()
+               if k != "instance_label" and re.search(rf"\b{phrase}\b", str(text).lower())]
+        assert len(ids) == 1, (organ, ids)
+        found[organ] = np.argwhere(gts == ids[0]).mean(0)
+    return found
+
+
+def test_ct_entry_is_the_amos_training_order() -> None:
+    """CT -> LAS read off the AMOS case's ground truth: x grows to the patient's left (spleen, left kidney), y to
+    anterior (gallbladder and stomach in front of the kidneys), z to superior (bladder below the oesophagus)."""
+    c = _organ_centroids("CT_AMOS_amos_0018", {
+        "spleen": "spleen", "liver": "liver", "right kidney": "right kidney", "left kidney": "left kidney",
+        "gallbladder": "gallbladder", "stomach": "stomach", "bladder": "bladder", "esophagus": "esophagus"})
+    z, y, x = 0, 1, 2
+    x_letter = "L" if c["spleen"][x] > c["liver"][x] and c["left kidney"][x] > c["right kidney"][x] else "R"
+    kidneys = (c["left kidney"][y] + c["right kidney"][y]) / 2
+    y_letter = "A" if min(c["gallbladder"][y], c["stomach"][y]) > kidneys else "P"
+    z_letter = "S" if c["bladder"][z] < c["esophagus"][z] else "I"
+    assert c["spleen"][x] - c["liver"][x] > 100 and c["gallbladder"][y] - kidneys > 40  # far from a tie
+    assert c["esophagus"][z] - c["bladder"][z] > 30
+    assert DEFAULT_ORIENTATION["CT"] == x_letter + y_letter + z_letter == "LAS"
+
+
+def test_mr_entry_agrees_with_the_brats_training_order() -> None:
+    """MR -> LPS against the BraTS case: z grows to superior (the brain's cross-section shrinks towards the
+    vertex), and y is the front-back axis (the brain is longer along y than along x). The signs of x and y
+    cannot be read robustly from one skull-stripped, nearly symmetric brain with a tumour and a resection cavity;
+    L and P follow BraTS's standard storage (SRI-24, nibabel affine diag(-1, -1, 1)), see docs/formats.md."""
+    from text3dsam_cli.io import read_challenge_npz
+
+    brain = read_challenge_npz(CHALLENGE / "MR_BraTS-T1c_bratsgli_0017.npz").array > 20
+    area = brain.sum((1, 2))
+    top, bottom = area[-5:].mean(), area[:15].max()
+    assert top < 0.5 * bottom  # the vertex is at high z
+    ys, xs = np.nonzero(brain[brain.shape[0] // 3])
+    length, width = np.ptp(ys), np.ptp(xs)
+    assert length > 1.1 * width  # y runs front to back, x left to right
+    code = DEFAULT_ORIENTATION["MR"]
+    assert code[2] == "S" and code[1] in "AP" and code[0] in "LR"
+    assert code == "LPS"

@@ -46,6 +46,39 @@ def _assert_same_grid(a: Path, b: Path, exact: bool = True):
         np.testing.assert_allclose(x, y, atol=tol, rtol=0)
 
 
+def _library_labels(checkpoint: Path, path: Path, prompts: list[str]) -> np.ndarray:
+    """The label map the library computes for ``path`` (read, prepare, segment, back to the input grid)."""
+    from text3dsam_cli.inference import Segmenter
+    from text3dsam_cli.io import read_volume
+    from text3dsam_cli.model import load_model
+    from text3dsam_cli.pipeline import prepare_scan
+
+    scan = prepare_scan(read_volume(path))
+    result = Segmenter(load_model(checkpoint), device="cpu").segment(scan.image, prompts, spacing=scan.spacing)
+    return scan.to_input_grid(result.labels)
+
+
+def _model_probabilities(checkpoint: Path, path: Path, prompts: list[str], points: np.ndarray) -> np.ndarray:
+    """(K, len(points)) sigmoid of the model's logits, trilinearly upsampled to the input grid (align_corners
+    False, as pred.py), at the given (z, y, x) voxels of an input that is not reoriented (npz)."""
+    import torch
+    import torch.nn.functional as F
+
+    from text3dsam_cli.inference import Segmenter
+    from text3dsam_cli.io import read_volume
+    from text3dsam_cli.model import load_model
+    from text3dsam_cli.pipeline import prepare_scan
+
+    scan = prepare_scan(read_volume(path))
+    segmenter = Segmenter(load_model(checkpoint), device="cpu")
+    encoded = segmenter.encode(scan.image, scan.spacing)
+    segmenter.segment_encoded(encoded, prompts)
+    logits = torch.stack([encoded.logits[p] for p in prompts])
+    full = F.interpolate(logits[None], size=scan.image.shape, mode="trilinear", align_corners=False)[0]
+    z, y, x = points.T
+    return torch.sigmoid(full[:, z, y, x]).numpy()
+
+
 def test_nifti_in_nifti_out_exact_grid_and_sidecar(small_checkpoint, tmp_path):
     out = tmp_path / "seg.nii.gz"
     result = segment(CT, "liver", "spleen", "-m", small_checkpoint, "-o", out)
@@ -53,7 +86,7 @@ def test_nifti_in_nifti_out_exact_grid_and_sidecar(small_checkpoint, tmp_path):
     assert result.stdout.strip().splitlines() == [str(out)]
     _assert_same_grid(CT, out)
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
-    assert set(np.unique(labels)) <= {0, 1, 2}
+    np.testing.assert_array_equal(labels, _library_labels(small_checkpoint, CT, ["liver", "spleen"]))
     sidecar = json.loads((tmp_path / "seg.json").read_text())
     assert sidecar["prompts"] == {"liver": 1, "spleen": 2}
     assert sidecar["model"]["model"] == str(small_checkpoint.resolve())
@@ -124,8 +157,17 @@ def test_npz_probabilities_are_float16(small_checkpoint, tmp_path):
     result = segment(US, "-m", small_checkpoint, "-o", tmp_path, "--probabilities")
     assert result.exit_code == 0, result.output
     with np.load(tmp_path / "US_Cardiac_patient0027_2CH_half_sequence_probabilities.npz") as data:
-        assert data["probabilities"].dtype == np.float16
-        assert data["probabilities"].shape[0] == 3
+        probabilities = data["probabilities"]
+    assert probabilities.dtype == np.float16 and probabilities.shape[0] == 3
+    points = np.random.default_rng(0).integers(0, probabilities.shape[1:], size=(200, 3))
+    from text3dsam_cli.io import read_volume
+    from text3dsam_cli.prompts import prompts_for
+
+    prompts, _, _ = prompts_for(read_volume(US), [])
+    expected = _model_probabilities(small_checkpoint, US, prompts, points)
+    written = probabilities[:, points[:, 0], points[:, 1], points[:, 2]].astype(np.float32)
+    np.testing.assert_allclose(written, expected, rtol=0, atol=1e-3)  # float16 of a probability: < 5e-4 off
+    assert np.ptp(expected) > 0.05  # the sampled probabilities vary: the comparison can tell maps apart
 
 
 def _corrupt_folder(tmp_path: Path) -> Path:

@@ -356,6 +356,23 @@ def test_resume_continues_from_checkpoint(tmp_path, tiny_checkpoint, npz_in_file
     assert [r["step"] for r in _log(out)] == [1]
 
 
+@pytest.mark.slow  # a real 4-step run (about 1 minute on a loaded 2-core machine)
+def test_learning_rate_follows_warmup_then_cosine(npz_in_file, tiny_checkpoint, tmp_path):
+    """The logged rate of each step is the warm-up + cosine formula written out here: 4 steps, warm-up ratio 0.25
+    (ceil(1.0) = 1 warm-up step), base rate 2e-4; step s (0-based) trains at 2e-4 * s / 1 for s < 1, then at
+    2e-4 * (1 + cos(pi * (s - 1) / 3)) / 2."""
+    out = tmp_path / "schedule"
+    finetune(_args(npz_in_file, out, max_steps=4, warmup_ratio=0.25, learning_rate=2e-4), str(tiny_checkpoint))
+    logged = [(r["step"], r["lr"]) for r in _log(out)]
+    base, warmup, total = 2e-4, 1, 4
+    expected = [(s + 1, base * s / warmup if s < warmup else
+                 base * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup)))) for s in range(total)]
+    assert [step for step, _ in logged] == [step for step, _ in expected]
+    for (step, lr), (_, want) in zip(logged, expected):
+        assert lr == pytest.approx(want, rel=1e-9, abs=1e-15), step
+    assert [round(lr / base, 6) for _, lr in logged] == [0.0, 1.0, 0.75, 0.25]
+
+
 def test_train_from_scratch_cli(tmp_path, npz_gt_beside):
     out = tmp_path / "scratch"
     common = ("train", npz_gt_beside, "-o", out, "--image-size", "64,64,64", "--patch-size", "64", "--max-steps", "2",

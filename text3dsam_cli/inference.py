@@ -42,6 +42,7 @@ class SegmentationResult:
     mode: str = "whole"
     device: str = "cpu"
     timings: dict[str, float] = field(default_factory=dict)
+    sliding: dict[str, Any] | None = None  # sliding mode: the plan that ran (see :func:`sliding_record`)
 
 
 @dataclass
@@ -73,6 +74,16 @@ def gaussian_weights(size: Sequence[int], sigma_scale: float = 0.125) -> torch.T
         axes.append(torch.exp(-0.5 * (x / sigma) ** 2))
     w = axes[0].view(-1, 1, 1) * axes[1].view(1, -1, 1) * axes[2].view(1, 1, -1)
     return (w / w.max()).clamp_(min=1e-3)
+
+
+def sliding_record(plan: dict[str, Any]) -> dict[str, Any]:
+    """The sidecar's account of a sliding-window plan: ``target_spacing`` (x, y, z mm; the input's spacing when
+    no target was set, None when neither is known), ``grid`` (z, y, x: the resampled grid the windows tile, in
+    the model's voxel order, before padding), ``window`` (z, y, x), the number of ``windows`` and ``overlap``."""
+    spacing = plan.get("target_spacing")
+    return {"target_spacing": None if spacing is None else [float(s) for s in spacing],
+            "grid": [int(g) for g in plan["grid"]], "window": [int(w) for w in plan["window"]],
+            "windows": len(plan["positions"]), "overlap": float(plan["overlap"])}
 
 
 def window_starts(size: int, window: int, step: int) -> list[int]:
@@ -170,13 +181,16 @@ class Segmenter:
             target = [shape[i] * float(spacing[2 - i]) / self.spacing[2 - i] for i in range(3)]
         else:
             target = list(shape)
+        target_spacing = self.spacing if (self.spacing and spacing) else spacing
         # Resampled grid in multiples of 4 so window offsets map exactly onto the 1/4-resolution canvas.
         grid = [max(4, round(t / 4) * 4) for t in target]
         padded = [max(g, w) for g, w in zip(grid, window)]
         steps = [max(4, int(w * (1 - self.overlap)) // 4 * 4) for w in window]
         starts = [window_starts(p, w, s) for p, w, s in zip(padded, window, steps)]
         positions = [(a, b, c) for a in starts[0] for b in starts[1] for c in starts[2]]
-        return {"window": window, "grid": grid, "padded": padded, "positions": positions}
+        return {"window": window, "grid": grid, "padded": padded, "positions": positions,
+                "target_spacing": None if target_spacing is None else tuple(float(s) for s in target_spacing),
+                "overlap": self.overlap}
 
     def _window_contexts(self, image: torch.Tensor, plan: dict[str, Any],
                          ) -> Iterator[tuple[tuple[int, int, int], ImageContext]]:
@@ -281,7 +295,8 @@ class Segmenter:
             labels, probs = upsample_argmax(stacked, encoded.shape, values, keep_probabilities)
         timings["upsample"] = time.perf_counter() - t2
         timings["total"] = time.perf_counter() - t0
-        return SegmentationResult(labels, values, prompts, probs, encoded.mode, encoded.device, timings)
+        record = sliding_record(encoded.plan) if encoded.mode == "sliding" else None
+        return SegmentationResult(labels, values, prompts, probs, encoded.mode, encoded.device, timings, record)
 
     def segment(self, image: np.ndarray | list[np.ndarray], prompts: Sequence[str],
                 label_values: Sequence[int] | None = None, spacing: Sequence[float] | None = None,

@@ -311,6 +311,7 @@ def build_sidecar(item: InputItem | str | None, volume: Volume, result: Segmenta
         "input_format": volume.source_format,
         "model": model_source,
         "mode": result.mode,
+        **({"sliding": result.sliding} if result.sliding is not None else {}),
         "device": result.device,
         "modality": modality,
         "orientation": orientation,

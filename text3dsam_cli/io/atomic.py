@@ -24,6 +24,7 @@ import json
 import os
 import re
 import secrets
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -158,6 +159,26 @@ def disk_full(folder: Path) -> bool:
     return free is not None and free < _FULL_DISK_MARGIN
 
 
+#: Test hook, never set in normal use: a write of the file whose path this variable names first creates the file
+#: named by PAUSED_ENV and then waits (up to PAUSE_SECONDS), so that a test can deliver a signal at exactly that
+#: step of a run (tests/test_robustness.py) instead of racing the writer.
+PAUSE_ENV = "TEXT3DSAM_TEST_PAUSE_BEFORE"
+PAUSED_ENV = "TEXT3DSAM_TEST_PAUSED"
+PAUSE_SECONDS = 600.0
+
+
+def _pause_for_tests(target: Path) -> None:
+    wanted = os.environ.get(PAUSE_ENV)
+    if not wanted or os.path.abspath(target) != os.path.abspath(wanted):
+        return
+    flag = os.environ.get(PAUSED_ENV)
+    if flag:
+        Path(flag).touch()
+    deadline = time.monotonic() + PAUSE_SECONDS
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike[str],
                 verify: Callable[[Path], str | None] | None = None) -> Iterator[Path]:
@@ -170,6 +191,7 @@ def atomic_path(target: str | os.PathLike[str],
     ``OutputError``.
     """
     target = Path(target)
+    _pause_for_tests(target)
     folder = _prepare_folder(target)
     tmp = folder / temp_name(target.name)
     try:
