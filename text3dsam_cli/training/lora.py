@@ -5,8 +5,9 @@ begins at the base model exactly) beside the linear layers named by :func:`defau
 attention and MLP linear layer of the image encoder (``attn.qkv``, ``attn.proj``, ``mlp.mlp.0`` /
 ``mlp.mlp.3`` of the conv blocks, ``mlp1.mlp.0`` / ``mlp1.mlp.3`` of the attention blocks) and of the mask
 decoder's two-way transformer (``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``, ``mlp.lin1``, ``mlp.lin2``).
-Only the adapters train; everything else is frozen, and the image and text encoders stay in eval mode (their
-BatchNorm statistics and dropout are those of the base model).
+Only the adapters train; everything else is frozen, and the whole model stays in eval mode (BatchNorm
+statistics are the base model's, no dropout), so the merged model differs from the base only in the adapted
+weights.
 
 The model is changed in place (peft's ``LoraModel`` replaces the target layers), so the trainer, ``accelerate``
 and its checkpoints see one ``Text3DSAM`` whose state dict holds the adapters. :func:`merge_lora` folds them
@@ -26,8 +27,9 @@ from text3dsam_cli.errors import UsageError
 MISSING_PEFT = "--lora-rank needs the peft library: pip install 'text3dsam-cli[lora]'"
 #: Parts of the model whose linear layers get adapters by default.
 LORA_PARTS = ("image_encoder", "seg_decoder.mask_decoder.transformer")
-#: Parts kept in eval mode while adapters train (frozen BatchNorm statistics, no dropout).
-LORA_EVAL_PARTS = ("image_encoder", "text_encoder")
+#: Parts kept in eval mode while adapters train: all of them (the base model's BatchNorm statistics, in the
+#: image encoder and the decoder's prompt encoder, stay as they are; no dropout).
+LORA_EVAL_PARTS = ("image_encoder", "text_encoder", "text_projector", "seg_decoder")
 
 
 def default_lora_targets(model: nn.Module) -> list[str]:
