@@ -6,7 +6,9 @@
 Each mode (full, lora, decoder-only) runs ``text3dsam_cli.training.finetune`` in its own worker process on
 the same data (``US_Cardiac_patient0027_2CH_half_sequence``, gts beside, the small test checkpoint 64x128x128
 unless ``--checkpoint``), same seed, same steps, ``--augment none``. Per mode: trainable parameters, median
-seconds per step (train_log.jsonl, first step left out), the worker's peak RSS (``resource.getrusage
+seconds per step (train_log.jsonl, first step left out), median CPU seconds per step (the process's CPU time,
+all threads, between progress events: the work done, less sensitive than wall time to other load on a
+shared machine), the worker's peak RSS (``resource.getrusage
 (RUSAGE_SELF).ru_maxrss`` after training, i.e. model + data + optimizer + autograd peak), and the mean Dice of
 the saved model over the case's three classes on its full grid (``evaluate_dice``, as ``segment`` does), and
 that of the starting model. Ratios are against full fine-tuning measured in the same run.
@@ -18,6 +20,7 @@ LoRA does to a trained model; the time and memory ratios are what this measures.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -60,10 +63,13 @@ def _worker(mode: str, data: str, checkpoint: str, out: str, steps: int, rank: i
                              freeze=("decoder-only",) if mode == "decoder-only" else (),
                              lora_rank=rank if mode == "lora" else 0)
     counts: dict[str, int] = {}
+    cpu: list[float] = []  # process CPU time (all threads) at the start and after each step
 
     def callback(event) -> None:  # type: ignore[no-untyped-def]
         if event.kind == "start":
             counts["trainable"], counts["total"] = count_parameters(model)
+        if event.kind in ("start", "step"):
+            cpu.append(time.process_time())
 
     t0 = time.perf_counter()
     finetune(args, model, callback=callback)
@@ -71,9 +77,11 @@ def _worker(mode: str, data: str, checkpoint: str, out: str, steps: int, rank: i
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     records = [json.loads(line) for line in (Path(out) / "train_log.jsonl").read_text().splitlines()]
     seconds = [r["seconds"] for r in records if r["type"] == "train"][1:]
+    cpu_steps = [b - a for a, b in itertools.pairwise(cpu)][1:]
     after = evaluate_dice(load_model(out), val)["mean_dice"]
     print(json.dumps({"mode": mode, "trainable": counts.get("trainable"), "total": counts.get("total"),
-                      "s_per_step": statistics.median(seconds), "peak_rss_mb": peak_mb, "wall_s": wall,
+                      "s_per_step": statistics.median(seconds),
+                      "cpu_s_per_step": statistics.median(cpu_steps), "peak_rss_mb": peak_mb, "wall_s": wall,
                       "dice_after": after}))
 
 
@@ -113,10 +121,11 @@ def main() -> None:
     base = results.pop("base")["dice"]
     full = results["full"]
     print(f"{opts.steps} steps, rank {opts.rank}, {opts.threads} threads; starting model mean Dice {base:.4f}")
-    print(f"{'mode':<13} {'trainable':>12} {'s/step':>8} {'x full':>7} {'peak RSS MB':>12} {'x full':>7} "
-          f"{'Dice after':>11} {'change':>8}")
+    print(f"{'mode':<13} {'trainable':>12} {'s/step':>8} {'x full':>7} {'CPU s/step':>11} {'x full':>7} "
+          f"{'peak RSS MB':>12} {'x full':>7} {'Dice after':>11} {'change':>8}")
     for mode, r in results.items():
         print(f"{mode:<13} {r['trainable']:>12,} {r['s_per_step']:>8.2f} {r['s_per_step'] / full['s_per_step']:>7.2f} "
+              f"{r['cpu_s_per_step']:>11.2f} {r['cpu_s_per_step'] / full['cpu_s_per_step']:>7.2f} "
               f"{r['peak_rss_mb']:>12.0f} {r['peak_rss_mb'] / full['peak_rss_mb']:>7.2f} {r['dice_after']:>11.4f} "
               f"{r['dice_after'] - base:>+8.4f}")
 

@@ -22,8 +22,9 @@ def check_data_command(
     """Check training data before training: every case readable and 3-D, the label map on the image's grid
     (shape, spacing, origin, direction), its values in the prompt map, not empty.
 
-    Prints one line per problem on stdout, `bad: CASE: FILE: problem` or `note: CASE: FILE: problem`; exits with
-    1 when a case is bad. `finetune` and `train` run the same check first (`--skip-bad-cases` trains on the rest).
+    Prints one line per problem on stdout (`bad: CASE: FILE: problem` or `note: CASE: FILE: problem`) and exits
+    with 1 when a case is bad. `finetune` and `train` run the same check first (`--skip-bad-cases` trains on
+    the rest).
     """
     from text3dsam_cli.training.check import check_data
 
