@@ -57,6 +57,7 @@ def test_lora_starts_at_the_base_model_and_merges_exactly(tiny_checkpoint):  # n
     assert set(model.state_dict()) == set(load_model(tiny_checkpoint).state_dict())
 
 
+@pytest.mark.slow
 def test_finetune_with_lora_saves_a_plain_merged_checkpoint(tmp_path, tiny_checkpoint, npz_in_file):  # noqa: F811
     base = load_model(tiny_checkpoint)
     base_state = {k: v.clone() for k, v in base.state_dict().items()}
