@@ -3,6 +3,7 @@
 Each command module registers itself on ``app`` when imported; importing this package registers them all.
 """
 
+from text3dsam_cli.cli import check as _check  # noqa: F401  (registers `check-data`)
 from text3dsam_cli.cli import eval as _eval  # noqa: F401  (registers `eval`)
 from text3dsam_cli.cli import model_cmds as _model_cmds  # noqa: F401  (registers `download`, `info`)
 from text3dsam_cli.cli import pacs as _pacs  # noqa: F401  (registers `pacs search`)

@@ -79,8 +79,9 @@ def _reporter(quiet: bool) -> Iterator[Any]:
 def _common(data: str, output: str, max_steps: int | None, epochs: float, lr: float, batch_size: int,
             grad_accum: int, weight_decay: float, warmup_ratio: float, device: str, precision: str, freeze: str,
             prompts: str | None, val: str | None, val_every: int | None, resume: bool | None, seed: int,
-            save_every: int, keep_checkpoints: int, modality: str | None, window: str, augment: bool,
-            threads: int | None, cache: bool) -> Any:
+            save_every: int, keep_checkpoints: int, modality: str | None, window: str, augment: str,
+            threads: int | None, cache: bool, no_augment: bool = False, skip_bad_cases: bool = False,
+            lora_rank: int = 0, lora_alpha: float | None = None) -> Any:
     from text3dsam_cli.devices import set_threads
     from text3dsam_cli.training import AugmentConfig, TrainingArguments
 
@@ -90,7 +91,8 @@ def _common(data: str, output: str, max_steps: int | None, epochs: float, lr: fl
         epochs=epochs, learning_rate=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
         batch_size=batch_size, grad_accum=grad_accum, device=device, precision=precision, freeze=freeze,  # type: ignore[arg-type]
         seed=seed, resume=resume, save_every=save_every, keep_checkpoints=keep_checkpoints, val_every=val_every,
-        augment=AugmentConfig() if augment else AugmentConfig.none(), cache=cache)
+        augment=AugmentConfig.none() if no_augment else AugmentConfig.from_level(augment), cache=cache,
+        skip_bad_cases=skip_bad_cases, lora_rank=lora_rank, lora_alpha=lora_alpha)
     args.check()
     return args
 
@@ -101,7 +103,17 @@ _CACHE = ("Keep every case, resized to the model input, in memory (4-5 bytes per
           "--no-cache re-reads cases for each sample.")
 _RESUME = "Continue from the last checkpoint in OUTPUT (default: yes when OUTPUT has checkpoints)."
 _FREEZE = ("Freeze part of the model: text (the BERT text encoder; its projector still trains), image (the image "
-           "encoder, kept in eval mode) or none; 'text,image' freezes both.")
+           "encoder, kept in eval mode), decoder-only (train only the mask decoder) or none; 'text,image' freezes "
+           "both.")
+_AUGMENT = ("Augmentation level: none, light (small rotations and scaling, gamma, intensity), default (the paper's: "
+            "90-degree rotations, intensity scale/shift) or heavy (adds elastic, mirroring, noise, blur, contrast; "
+            "never mirrors left-right for prompts naming a side).")
+_SKIP_BAD = ("Train on the cases that pass the data check (see `text3dsam check-data`) and leave out the others "
+             "with a note, instead of stopping.")
+_LORA_RANK = ("Train LoRA adapters of this rank on the attention and MLP layers of the image encoder and the "
+              "decoder's transformer instead of all weights (needs the 'lora' extra); 0: off. The saved model "
+              "has them merged.")
+_LORA_ALPHA = "LoRA scale numerator: the adapters are scaled by alpha / rank (default alpha = rank)."
 
 
 @app.command("finetune")
@@ -132,7 +144,11 @@ def finetune_command(
     modality: str = typer.Option(None, "--modality", help="Modality of raw scans (default: dataset.json, else the "
                                  "segment heuristic)."),
     window: str = typer.Option("soft_tissue", "--window", help="CT window for raw CT scans (as in segment)."),
-    augment: bool = typer.Option(True, "--augment/--no-augment", help="Rotations and intensity scale/shift."),
+    augment: str = typer.Option("default", "--augment", help=_AUGMENT),
+    no_augment: bool = typer.Option(False, "--no-augment", help="Same as --augment none.", hidden=True),
+    skip_bad_cases: bool = typer.Option(False, "--skip-bad-cases", help=_SKIP_BAD),
+    lora_rank: int = typer.Option(0, "--lora-rank", help=_LORA_RANK),
+    lora_alpha: float = typer.Option(None, "--lora-alpha", help=_LORA_ALPHA),
     cache: bool = typer.Option(True, "--cache/--no-cache", help=_CACHE),
     threads: int = typer.Option(None, "--threads", help="CPU threads for torch."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output on stderr."),
@@ -147,7 +163,7 @@ def finetune_command(
 
     args = _common(data, output, max_steps, epochs, lr, batch_size, grad_accum, weight_decay, warmup_ratio, device,
                    precision, freeze, prompts, val, val_every, resume, seed, save_every, keep_checkpoints, modality,
-                   window, augment, threads, cache)
+                   window, augment, threads, cache, no_augment, skip_bad_cases, lora_rank, lora_alpha)
     with _reporter(quiet or int(os.environ.get("RANK", "0")) != 0) as callback:
         finetune(args, model, revision, callback)
 
@@ -193,7 +209,11 @@ def train_command(
     modality: str = typer.Option(None, "--modality", help="Modality of raw scans (default: dataset.json, else the "
                                  "segment heuristic)."),
     window: str = typer.Option("soft_tissue", "--window", help="CT window for raw CT scans (as in segment)."),
-    augment: bool = typer.Option(True, "--augment/--no-augment", help="Rotations and intensity scale/shift."),
+    augment: str = typer.Option("default", "--augment", help=_AUGMENT),
+    no_augment: bool = typer.Option(False, "--no-augment", help="Same as --augment none.", hidden=True),
+    skip_bad_cases: bool = typer.Option(False, "--skip-bad-cases", help=_SKIP_BAD),
+    lora_rank: int = typer.Option(0, "--lora-rank", help=_LORA_RANK),
+    lora_alpha: float = typer.Option(None, "--lora-alpha", help=_LORA_ALPHA),
     cache: bool = typer.Option(True, "--cache/--no-cache", help=_CACHE),
     threads: int = typer.Option(None, "--threads", help="CPU threads for torch."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output on stderr."),
@@ -223,6 +243,6 @@ def train_command(
         raise UsageError(str(exc)) from None
     args = _common(data, output, max_steps, epochs, lr, batch_size, grad_accum, weight_decay, warmup_ratio, device,
                    precision, freeze, prompts, val, val_every, resume, seed, save_every, keep_checkpoints, modality,
-                   window, augment, threads, cache)
+                   window, augment, threads, cache, no_augment, skip_bad_cases, lora_rank, lora_alpha)
     with _reporter(quiet or int(os.environ.get("RANK", "0")) != 0) as callback:
         train_from_scratch(args, config, tokenizer, pretrained_text, callback)

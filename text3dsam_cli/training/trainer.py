@@ -42,8 +42,11 @@ from text3dsam_cli.training.data import (
 )
 from text3dsam_cli.training.loss import build_loss, segmentation_loss
 
-#: ``--freeze`` choices and the model parts each one freezes (the text projector always stays trainable).
-FREEZE_PARTS: dict[str, tuple[str, ...]] = {"text": ("text_encoder",), "image": ("image_encoder",), "none": ()}
+#: ``--freeze`` choices and the model parts each one freezes (the text projector stays trainable, except with
+#: ``decoder-only``, which trains the mask decoder and nothing else).
+FREEZE_PARTS: dict[str, tuple[str, ...]] = {
+    "text": ("text_encoder",), "image": ("image_encoder",), "none": (),
+    "decoder-only": ("image_encoder", "text_encoder", "text_projector", "seg_decoder.prompt_encoder")}
 CHECKPOINTS = "checkpoints"
 LOG_FILE = "train_log.jsonl"
 ARGS_FILE = "training_args.json"
@@ -85,6 +88,10 @@ class TrainingArguments:
     val_every: int | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     cache: bool = True
+    skip_bad_cases: bool = False
+    lora_rank: int = 0
+    lora_alpha: float | None = None
+    lora_targets: tuple[str, ...] = ()
 
     def check(self) -> None:
         """Refuse impossible values with a :class:`UsageError`."""
@@ -105,11 +112,20 @@ class TrainingArguments:
         if self.keep_checkpoints < 1:
             raise UsageError("--keep-checkpoints must be at least 1")
         self.freeze = parse_freeze(self.freeze)
+        if self.lora_rank < 0:
+            raise UsageError("--lora-rank must not be negative (0: no LoRA)")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            raise UsageError("--lora-alpha must be positive")
+        if self.lora_rank and self.freeze:
+            raise UsageError("--freeze does not combine with --lora-rank (with LoRA only the adapters train)")
+        self.lora_targets = tuple(self.lora_targets)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dict."""
         data = asdict(self)
         data["freeze"] = list(self.freeze)
+        data["augment"] = self.augment.to_dict()
+        data["lora_targets"] = list(self.lora_targets)
         return data
 
 
@@ -147,7 +163,8 @@ class TrainResult:
 
 
 def parse_freeze(value: str | Sequence[str] | None) -> tuple[str, ...]:
-    """``"text"``, ``"image"``, ``"none"``, ``"text,image"`` or a sequence of those -> parts to freeze."""
+    """``"text"``, ``"image"``, ``"decoder-only"``, ``"none"``, ``"text,image"`` or a sequence of those -> parts
+    to freeze."""
     if value is None:
         return ()
     items = value.split(",") if isinstance(value, str) else list(value)
@@ -156,25 +173,33 @@ def parse_freeze(value: str | Sequence[str] | None) -> tuple[str, ...]:
         if not item:
             continue
         if item not in FREEZE_PARTS:
-            raise UsageError(f"--freeze {item!r}: choose text, image or none (or text,image)")
+            raise UsageError(f"--freeze {item!r}: choose text, image, decoder-only or none (or text,image)")
         if item != "none" and item not in parts:
             parts.append(item)
     return tuple(parts)
 
 
 def apply_freeze(model: Text3DSAM, parts: Sequence[str]) -> None:
-    """Stop gradients into the frozen parts (``text``: BERT encoder; ``image``: image encoder)."""
+    """Stop gradients into the frozen parts (``text``: BERT encoder; ``image``: image encoder; ``decoder-only``:
+    everything but the mask decoder)."""
     for part in parts:
         for name in FREEZE_PARTS[part]:
-            getattr(model, name).requires_grad_(False)
+            model.get_submodule(name).requires_grad_(False)
 
 
-def set_train_mode(model: torch.nn.Module, parts: Sequence[str]) -> None:
-    """``model.train()``, but frozen parts stay in eval mode (no dropout, BatchNorm statistics kept)."""
+def set_train_mode(model: torch.nn.Module, parts: Sequence[str], modules: Sequence[str] = ()) -> None:
+    """``model.train()``, but frozen parts (and the named ``modules``) stay in eval mode (no dropout, BatchNorm
+    statistics kept). ``model`` may be wrapped (DDP): its ``module`` is used."""
     model.train()
-    for part in parts:
-        for name in FREEZE_PARTS[part]:
-            getattr(model, name).eval()
+    inner = getattr(model, "module", model)
+    names = [name for part in parts for name in FREEZE_PARTS[part]] + list(modules)
+    for name in names:
+        inner.get_submodule(name).eval()
+
+
+def freezes_image_encoder(args: TrainingArguments) -> bool:
+    """Whether the image encoder is frozen (and in eval mode): ``--freeze image`` / ``decoder-only`` or LoRA."""
+    return bool(args.lora_rank) or any("image_encoder" in FREEZE_PARTS[p] for p in args.freeze)
 
 
 # -- checkpoints ---------------------------------------------------------------------------------------------------
@@ -370,6 +395,8 @@ class Trainer:
         n = len(train_set)
         self.total = args.max_steps or max(1, math.ceil(args.epochs * n / per_step))
         self._perms: dict[int, np.ndarray] = {}
+        self._lora: Any = None
+        self._eval_modules: tuple[str, ...] = ()
 
     # events -----------------------------------------------------------------------------------------------------
     def emit(self, kind: str, **fields: Any) -> None:
@@ -395,7 +422,7 @@ class Trainer:
         for position in range(first, first + b):
             rng = np.random.default_rng([self.args.seed, 1, position])
             image, target, prompt = self.train_set.item(self._index(position), rng)
-            image, target = augment(image, target, rng, self.args.augment)
+            image, target = augment(image, target, rng, self.args.augment, prompt=prompt)
             images.append(image)
             targets.append(target)
             prompts.append(prompt)
@@ -458,7 +485,7 @@ class Trainer:
             log.write({"type": "val", "step": step, **metrics})
             self.emit("val", step=step, metrics=metrics)
         acc.wait_for_everyone()
-        set_train_mode(model, self.args.freeze)
+        set_train_mode(model, self.args.freeze, self._eval_modules)
         return metrics
 
     # main ---------------------------------------------------------------------------------------------------------
@@ -485,7 +512,15 @@ class Trainer:
 
         model = self.model
         apply_freeze(model, args.freeze)
-        set_train_mode(model, args.freeze)
+        if args.lora_rank:
+            from text3dsam_cli.training.lora import LORA_EVAL_PARTS, add_lora, count_parameters
+
+            self._lora = add_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets or None)
+            self._eval_modules = LORA_EVAL_PARTS
+            trainable, total = count_parameters(model)
+            self.emit("info", message=f"LoRA rank {args.lora_rank}: {trainable:,} trainable parameters of "
+                      f"{total:,} ({100 * trainable / total:.2f} %)")
+        set_train_mode(model, args.freeze, self._eval_modules)
         groups = _param_groups(model, args.weight_decay)
         if not any(g["params"] for g in groups):
             raise UsageError("nothing to train: every parameter is frozen")
@@ -502,7 +537,7 @@ class Trainer:
             scheduler.last_epoch = start - 1
             scheduler.step()
             self.emit("info", message=f"resuming from {checkpoint} (step {start} of {self.total})")
-        set_train_mode(model, args.freeze)
+        set_train_mode(model, args.freeze, self._eval_modules)
         loss_fn = build_loss(self.model.config.dice_weight, self.model.config.focal_weight)
         size = tuple(self.model.config.image_size)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -549,6 +584,11 @@ class Trainer:
         if self.validating:
             metrics = self.validate(self.total, model, log)
         acc.wait_for_everyone()
+        if self._lora is not None:  # the saved model is a plain checkpoint: adapters folded into the weights
+            from text3dsam_cli.training.lora import merge_lora
+
+            merge_lora(self._lora)
+            self._lora, self._eval_modules = None, ()
         if acc.is_main_process:
             save_final_model(acc.unwrap_model(model), self.output)
         acc.wait_for_everyone()
@@ -569,14 +609,16 @@ def _prepare_output(output: Path, model_source: Path | None) -> None:
 
 
 def run_training(model: Text3DSAM, args: TrainingArguments, callback: Callback | None = None,
-                 run_info: dict[str, Any] | None = None, data: DataSource | None = None) -> TrainResult:
+                 run_info: dict[str, Any] | None = None, data: DataSource | None = None,
+                 val_data: DataSource | None = None) -> TrainResult:
     """Train ``model`` on ``args.data`` and save it (plus log and arguments) into ``args.output``.
 
-    ``data`` is ``discover_cases(args.data, args.prompts)`` when the caller has it already.
+    ``data`` (``val_data``) is ``discover_cases(args.data (args.val), args.prompts)`` passed through
+    :func:`check_training_data` when the caller has it already; otherwise that is done here.
     """
     args.check()
     deepest = math.prod(s // 64 for s in model.config.image_size)
-    if "image" not in args.freeze and args.batch_size * deepest < 2:
+    if not freezes_image_encoder(args) and args.batch_size * deepest < 2:
         size = "x".join(str(s) for s in model.config.image_size)
         raise UsageError(f"image size {size} leaves the image encoder's BatchNorm one value per channel at batch "
                          "size 1: use --batch-size 2 or more, a larger size, or --freeze image")
@@ -588,7 +630,8 @@ def run_training(model: Text3DSAM, args: TrainingArguments, callback: Callback |
 
     set_seed(args.seed)
     emit: Callback = callback if (callback is not None and accelerator.is_main_process) else (lambda e: None)
-    data = data or discover_cases(args.data, args.prompts)
+    if data is None:
+        data, val_data = check_training_data(args, callback)
     for note in data.notes:
         emit(TrainEvent("info", message=note))
     # The model sees NIfTI/DICOM training images in the orientation it will see them in at inference: the
@@ -605,11 +648,31 @@ def run_training(model: Text3DSAM, args: TrainingArguments, callback: Callback |
         emit(TrainEvent("info", message=note))
     val_cases = None
     if args.val:
-        val_source = discover_cases(args.val, args.prompts)
+        val_source = val_data or discover_cases(args.val, args.prompts)
         val_cases = (load_validation(val_source, args.window, args.modality, orientation)
                      if accelerator.is_main_process else [])
     trainer = Trainer(model, train_set, args, accelerator, val_cases, callback, run_info)
     return trainer.run()
+
+
+def check_training_data(args: TrainingArguments, callback: Callback | None = None,
+                        ) -> tuple[DataSource, DataSource | None]:
+    """Discover and check the training (and ``--val``) cases before anything is loaded or trained.
+
+    Each bad case and each label value missing from the prompt map is reported as an ``info`` event (main
+    process only); bad cases stop the run with an :class:`InputError`, or with ``args.skip_bad_cases`` are
+    left out with a note (see :mod:`text3dsam_cli.training.check`).
+    """
+    from text3dsam_cli.training.check import require_good_cases
+
+    main = callback is not None and int(os.environ.get("RANK", "0")) == 0
+    report = (lambda line: callback(TrainEvent("info", message=line))) if main else None  # type: ignore[misc]
+    data = require_good_cases(discover_cases(args.data, args.prompts), args.skip_bad_cases, report, "training")
+    val_data = None
+    if args.val:
+        val_data = require_good_cases(discover_cases(args.val, args.prompts), args.skip_bad_cases, report,
+                                      "validation")
+    return data, val_data
 
 
 def finetune(args: TrainingArguments, model: str | os.PathLike[str] | Text3DSAM | None = None,
@@ -618,11 +681,9 @@ def finetune(args: TrainingArguments, model: str | os.PathLike[str] | Text3DSAM 
     from text3dsam_cli.model import load_model
 
     args.check()
-    data = discover_cases(args.data, args.prompts)  # bad data fails before a model is loaded
-    if args.val:
-        discover_cases(args.val, args.prompts)
+    data, val_data = check_training_data(args, callback)  # bad data fails before a model is loaded
     loaded = model if isinstance(model, Text3DSAM) else load_model(model, revision)
-    return run_training(loaded, args, callback, {"mode": "finetune", "base_model": loaded.source}, data)
+    return run_training(loaded, args, callback, {"mode": "finetune", "base_model": loaded.source}, data, val_data)
 
 
 # -- training from scratch ---------------------------------------------------------------------------------------
@@ -635,12 +696,10 @@ def train_from_scratch(args: TrainingArguments, config: Text3DSAMConfig,
     from accelerate.utils import set_seed
 
     args.check()
-    data = discover_cases(args.data, args.prompts)  # bad data fails before a model is built
-    if args.val:
-        discover_cases(args.val, args.prompts)
+    data, val_data = check_training_data(args, callback)  # bad data fails before a model is built
     set_seed(args.seed)  # the initial weights follow --seed too
     model, notes = new_model(config, tokenizer, pretrained_text)
     if callback is not None and int(os.environ.get("RANK", "0")) == 0:
         for note in notes:
             callback(TrainEvent("info", message=note))
-    return run_training(model, args, callback, {"mode": "train", "notes": notes}, data)
+    return run_training(model, args, callback, {"mode": "train", "notes": notes}, data, val_data)
