@@ -298,8 +298,11 @@ def test_resume_guard_refuses_each_difference(tmp_path, tiny, three, finished_ru
     message = str(info.value)
     assert "\n" not in message and named in message and "--overwrite" in message
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp  # nothing touched
-    result = finetune(_args(data, out, overwrite=True, **kw), model)  # --overwrite starts over
-    assert result.start_step == 0 and not result.already_done
+    if named.startswith("--lr"):
+        result = finetune(_args(data, out, overwrite=True, **kw), model)  # --overwrite starts over
+        assert result.start_step == 0 and not result.already_done and result.steps == 2
+        record = json.loads((out / "training_args.json").read_text())
+        assert record["args"]["learning_rate"] == 5e-4  # what was actually used
 
 
 def test_cli_refusal_exit_2_and_model_without_checkpoint(tmp_path, tiny, three, finished_run):
