@@ -136,6 +136,7 @@ def test_read_split_checks_ids(tmp_path):
 # -- a run: split, best and last, summary, logs, rerun, extension ------------------------------------------------
 
 
+@pytest.mark.slow
 def test_split_best_last_summary_and_logs(tmp_path, tiny, three):
     out = tmp_path / "run"
     result = finetune(_args(three, out, max_steps=3, val_every=1, learning_rate=1e-3), str(tiny))
@@ -209,10 +210,11 @@ def test_final_loss_comes_from_the_saved_state(tmp_path, tiny, three):
     assert (out / "config.json").is_file()
 
 
+@pytest.mark.slow
 def test_early_stop(tmp_path, tiny, three):
     out = tmp_path / "run"
     # at lr 1e-9 the weights hardly move: the second validation is no better than the first
-    kw = {"max_steps": 6, "val_every": 1, "learning_rate": 1e-9, "warmup_ratio": 0.0}
+    kw = {"max_steps": 4, "val_every": 1, "learning_rate": 1e-9, "warmup_ratio": 0.0}
     result = finetune(_args(three, out, early_stop=1, **kw), str(tiny))
     means = [v["mean_dice"] for v in _records(out, "val")]
     assert len(means) == 2 and not means[1] > means[0]
@@ -223,7 +225,7 @@ def test_early_stop(tmp_path, tiny, three):
     again = finetune(_args(three, out, early_stop=1, **kw), str(tiny), callback=events.append)
     assert again.already_done and any("stopped early" in (e.message or "") for e in events)
     more = finetune(_args(three, out, early_stop=0, **kw), str(tiny))  # --early-stop is not run-changing
-    assert more.start_step == 2 and more.steps == 6
+    assert more.start_step == 2 and more.steps == 4
 
 
 def test_tensorboard(tmp_path, tiny, three):
