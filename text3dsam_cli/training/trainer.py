@@ -794,9 +794,10 @@ class Trainer:
         best = summary.get("best_step")
         what = f"best validation Dice {summary.get('best_val_dice'):.4f} at step {best}" if best is not None \
             else "the last weights"
+        more = "a larger --early-stop (or 0)" if early else "a larger --max-steps"
         self.emit("info", message=f"{self.output}: this run is already finished (step {start}"
                   f"{' of ' + str(self.total) if not early else ', stopped early'}; the model is {what}); nothing "
-                  "to do. A larger --max-steps continues it, --overwrite starts over")
+                  f"to do. {more[0].upper() + more[1:]} continues it, --overwrite starts over")
         return TrainResult(self.output, start, start, summary.get("final_loss"), 0.0, None, None,
                            best, summary.get("best_val_dice"), bool(summary.get("stopped_early")), True)
 
