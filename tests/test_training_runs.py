@@ -379,7 +379,7 @@ def test_torchrun_world_size_guard_and_one_error_line(tmp_path, tiny, three):
     out = tmp_path / "ddp"
     common = ["finetune", str(three), "-m", str(tiny), "-o", str(out), "--max-steps", "2", "--val-fraction", "0",
               "--freeze", "image", "--save-every", "0", "--device", "cpu", "-q"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0", exe]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", exe]
     proc = subprocess.run(torchrun + common, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads((out / "training_args.json").read_text())

@@ -230,11 +230,15 @@ def apply_freeze(model: Text3DSAM, parts: Sequence[str]) -> None:
 
 
 def set_train_mode(model: torch.nn.Module, parts: Sequence[str]) -> None:
-    """``model.train()``, but frozen parts stay in eval mode (no dropout, BatchNorm statistics kept)."""
+    """``model.train()``, but frozen parts stay in eval mode (no dropout, BatchNorm statistics kept).
+
+    ``model`` may be wrapped (DistributedDataParallel, DeepSpeed): its parts are those of ``model.module``.
+    """
     model.train()
+    inner = getattr(model, "module", model)
     for part in parts:
         for name in FREEZE_PARTS[part]:
-            getattr(model, name).eval()
+            getattr(inner, name).eval()
 
 
 # -- checkpoints ---------------------------------------------------------------------------------------------------
