@@ -136,7 +136,6 @@ def test_read_split_checks_ids(tmp_path):
 # -- a run: split, best and last, summary, logs, rerun, extension ------------------------------------------------
 
 
-@pytest.mark.slow
 def test_split_best_last_summary_and_logs(tmp_path, tiny, three):
     out = tmp_path / "run"
     result = finetune(_args(three, out, max_steps=3, val_every=1, learning_rate=1e-3), str(tiny))
@@ -210,7 +209,6 @@ def test_final_loss_comes_from_the_saved_state(tmp_path, tiny, three):
     assert (out / "config.json").is_file()
 
 
-@pytest.mark.slow
 def test_early_stop(tmp_path, tiny, three):
     out = tmp_path / "run"
     # at lr 1e-9 the weights hardly move: the second validation is no better than the first
