@@ -294,7 +294,7 @@ def test_few_steps_each_layout(request, tmp_path, tiny_checkpoint, layout):
     assert (out / "config.json").is_file() and (out / "training_args.json").is_file()
     config = json.loads((out / "config.json").read_text())  # what segment will reorient by
     assert config["inference"]["orientation"] == {"CT": "LAS", "PT": "LAS", "MR": "LPS"}
-    assert not list_checkpoints(out)
+    assert [s for s, _ in list_checkpoints(out)] == [2]  # --save-every 0: one checkpoint, at the end
 
 
 def test_finetune_saves_loadable_identical_model(tmp_path, tiny_checkpoint, npz_in_file):
@@ -352,7 +352,7 @@ def test_resume_continues_from_checkpoint(tmp_path, tiny_checkpoint, npz_in_file
 
     # --no-resume starts over and drops the old checkpoints
     result = finetune(_args(npz_in_file, out, max_steps=1, resume=False), str(tiny_checkpoint))
-    assert result.start_step == 0 and not list_checkpoints(out)
+    assert result.start_step == 0 and [s for s, _ in list_checkpoints(out)] == [1]
     assert [r["step"] for r in _log(out)] == [1]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -16,8 +17,9 @@ from text3dsam_cli.errors import UsageError
 
 DATA_HELP = ("Training data: a folder of challenge .npz cases (ground truth as 'gts' inside or CASE_gt.npz beside), "
              "one .npz, or an nnU-Net folder (dataset.json, imagesTr/, labelsTr/).")
-OUTPUT_HELP = ("Output folder: becomes a checkpoint folder for --model (plus training_args.json, train_log.jsonl "
-               "and checkpoints/).")
+OUTPUT_HELP = ("Output folder: becomes a checkpoint folder for --model (the best-validation weights; last/ holds "
+               "the last ones), plus training_summary.json, training_args.json, splits.json, train_log.jsonl/.csv, "
+               "progress.png and checkpoints/.")
 PROMPTS_HELP = ("Prompt JSON keyed by dataset name ({dataset: {\"1\": [phrasings], \"instance_label\": 0}}, e.g. "
                 "CVPR25_TextSegFMData_with_class.json; a case belongs to the dataset whose name begins its file "
                 "name) or one label map ({\"1\": [phrasings]}). Default: the npz's text_prompts / dataset.json labels.")
@@ -25,7 +27,10 @@ PROMPTS_HELP = ("Prompt JSON keyed by dataset name ({dataset: {\"1\": [phrasings
 
 @contextmanager
 def _reporter(quiet: bool) -> Iterator[Any]:
-    """A training callback drawing a rich progress bar and messages on stderr (nothing when ``quiet``)."""
+    """A training callback drawing a rich progress bar and messages on stderr (nothing when ``quiet``).
+
+    The bar starts with the first case loaded, so that messages and errors before it come without blank lines.
+    """
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -41,47 +46,97 @@ def _reporter(quiet: bool) -> Iterator[Any]:
         yield lambda event: None
         return
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                        console=err_console, transient=False)
+                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                        TimeRemainingColumn(), console=err_console, transient=False)
     tasks: dict[str, Any] = {}
+    best: dict[str, str] = {"text": ""}
+
+    def say(text: str, style: str | None = None) -> None:
+        (progress.console if progress.live.is_started else err_console).print(
+            text, style=style, highlight=False, soft_wrap=True, markup=False)
 
     def callback(event: TrainEvent) -> None:
+        if event.kind in ("load", "start") and not progress.live.is_started:
+            progress.start()
         if event.kind == "load":
             if "load" not in tasks:
                 tasks["load"] = progress.add_task("loading", total=event.total, info="")
             progress.update(tasks["load"], completed=event.step, info=event.message or "")
         elif event.kind == "info":
-            progress.console.print(event.message or "", style="dim", highlight=False, soft_wrap=True, markup=False)
+            say(event.message or "", "dim")
         elif event.kind == "start":
             tasks["train"] = progress.add_task("training", total=event.total, completed=event.step, info="")
         elif event.kind == "step":
-            info = f"loss {event.loss:.4f}  lr {event.lr:.2e}  {event.seconds:.2f} s/step"
+            info = f"loss {event.loss:.4f}  lr {event.lr:.2e}  {event.seconds:.2f} s/step{best['text']}"
             progress.update(tasks["train"], completed=event.step, info=info)
         elif event.kind == "checkpoint":
-            progress.console.print(f"step {event.step}: checkpoint {event.message}", style="dim", highlight=False,
-                                   markup=False)
+            say(f"step {event.step}: checkpoint {event.message}", "dim")
         elif event.kind == "val" and event.metrics is not None:
-            mean = event.metrics.get("mean_dice", math.nan)
-            cases = event.metrics["case_mean"]
-            detail = ", ".join(f"{name} {value:.3f}" for name, value in cases.items()) if len(cases) <= 4 \
-                else f"{len(cases)} cases"
-            progress.console.print(f"step {event.step}: validation mean Dice {mean:.4f} ({detail})",
-                                   highlight=False, soft_wrap=True, markup=False)
+            metrics = event.metrics
+            mean = metrics.get("mean_dice", math.nan)
+            classes = metrics.get("class_mean") or {}
+            detail = ", ".join(f"{name} {value:.3f}" for name, value in classes.items()) if len(classes) <= 6 \
+                else f"{len(classes)} classes"
+            mark = " (best so far)" if metrics.get("improved") else \
+                (f" (best {metrics['best_mean_dice']:.4f} at step {metrics['best_step']})"
+                 if metrics.get("best_step") is not None else "")
+            say(f"step {event.step}: validation mean Dice {mean:.4f}{mark}; per class: {detail}")
+            if metrics.get("best_step") is not None:
+                best["text"] = f"  best val {metrics['best_mean_dice']:.3f}"
         elif event.kind == "done":
-            loss = event.loss if event.loss is not None else math.nan
-            progress.console.print(f"done: {event.step} steps, final loss {loss:.4f}, model saved to {event.message}",
-                                   style="green", highlight=False, soft_wrap=True, markup=False)
+            loss = f"{event.loss:.4f}" if event.loss is not None else "n/a"
+            summary = event.metrics or {}
+            if summary.get("model") == "best":
+                which = (f"best validation Dice {summary['best_val_dice']:.4f} at step {summary['best_step']}; "
+                         f"last weights in {event.message}/last")
+            else:
+                which = "last weights"
+            say(f"done: {event.step} steps{' (stopped early)' if summary.get('stopped_early') else ''}, final loss "
+                f"{loss}, model ({which}) saved to {event.message}", "green")
 
-    with progress:
+    try:
         yield callback
+    finally:
+        if progress.live.is_started:
+            progress.stop()
+
+
+@contextmanager
+def _one_error_per_run() -> Iterator[None]:
+    """Under torchrun / accelerate launch, let only rank 0 report an error that every rank hits.
+
+    Another rank that fails waits a few seconds for rank 0 to report and for the launcher to stop it; if it is
+    still running then (the error was its own), it reports the error itself, prefixed with its rank.
+    """
+    from text3dsam_cli.cli.app import Terminated, fail
+    from text3dsam_cli.errors import Text3DSAMError
+
+    rank = int(os.environ.get("RANK", "0") or 0)
+    if rank == 0 or int(os.environ.get("WORLD_SIZE", "1") or 1) < 2:
+        yield
+        return
+    try:
+        yield
+    except (typer.Exit, typer.Abort, SystemExit, KeyboardInterrupt, Terminated):
+        raise
+    except Exception as exc:
+        try:
+            time.sleep(_RANK_ERROR_WAIT)
+        except Terminated:  # the launcher stops this rank after rank 0 reported
+            raise typer.Exit(143) from None
+        code = exc.exit_code if isinstance(exc, Text3DSAMError) else 1
+        text = str(exc) if isinstance(exc, Text3DSAMError) else f"{type(exc).__name__}: {exc}"
+        fail(f"rank {rank}: {text}", code)
+
+
+_RANK_ERROR_WAIT = 10.0
 
 
 def _common(data: str, output: str, max_steps: int | None, epochs: float, lr: float, batch_size: int,
             grad_accum: int, weight_decay: float, warmup_ratio: float, device: str, precision: str, freeze: str,
             prompts: str | None, val: str | None, val_every: int | None, resume: bool | None, seed: int,
             save_every: int, keep_checkpoints: int, modality: str | None, window: str, augment: str,
-            threads: int | None, cache: bool, no_augment: bool = False, skip_bad_cases: bool = False,
-            lora_rank: int = 0, lora_alpha: float | None = None) -> Any:
+            threads: int | None, cache: bool, no_augment: bool = False, **more: Any) -> Any:
     from text3dsam_cli.devices import set_threads
     from text3dsam_cli.training import AugmentConfig, TrainingArguments
 
@@ -91,8 +146,7 @@ def _common(data: str, output: str, max_steps: int | None, epochs: float, lr: fl
         epochs=epochs, learning_rate=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
         batch_size=batch_size, grad_accum=grad_accum, device=device, precision=precision, freeze=freeze,  # type: ignore[arg-type]
         seed=seed, resume=resume, save_every=save_every, keep_checkpoints=keep_checkpoints, val_every=val_every,
-        augment=AugmentConfig.none() if no_augment else AugmentConfig.from_level(augment), cache=cache,
-        skip_bad_cases=skip_bad_cases, lora_rank=lora_rank, lora_alpha=lora_alpha)
+        augment=AugmentConfig.none() if no_augment else AugmentConfig.from_level(augment), cache=cache, **more)
     args.check()
     return args
 
@@ -101,7 +155,18 @@ def _common(data: str, output: str, max_steps: int | None, epochs: float, lr: fl
 _STEPS = "Optimizer steps to run (wins over --epochs)."
 _CACHE = ("Keep every case, resized to the model input, in memory (4-5 bytes per input voxel per case); "
           "--no-cache re-reads cases for each sample.")
-_RESUME = "Continue from the last checkpoint in OUTPUT (default: yes when OUTPUT has checkpoints)."
+_RESUME = ("Continue from the last checkpoint in OUTPUT (default: yes when OUTPUT has checkpoints); --no-resume "
+           "is --overwrite.")
+_VAL = "Validation data (same layouts): Dice per class on full volumes. Default: a split of DATA (--val-fraction)."
+_VAL_EVERY = "Validate every N steps (default: once per epoch; 0: only at the end) and at the end."
+_VAL_FRACTION = ("Without --val: hold out this fraction of DATA's cases for validation (at least one case when "
+                 "there are two or more; 0: no validation), saved as OUTPUT/splits.json and reused on resume.")
+_FOLD = "Without --val: validate on fold K of --folds (k-fold cross-validation as in nnU-Net; 0-based)."
+_FOLDS = "Number of folds for --fold (default 5)."
+_EARLY_STOP = "Stop after N validations without a better mean Dice (0: never)."
+_TENSORBOARD = "Also write TensorBoard event files to OUTPUT/tensorboard (needs the tensorboard package)."
+_OVERWRITE = "Start over: discard the run OUTPUT holds (checkpoints, logs, split, model) instead of continuing it."
+_SAVE_EVERY = "Checkpoint every N steps (0: only at the end); a checkpoint is always written at the end."
 _FREEZE = ("Freeze part of the model: text (the BERT text encoder; its projector still trains), image (the image "
            "encoder, kept in eval mode), decoder-only (train only the mask decoder) or none; 'text,image' freezes "
            "both.")
@@ -118,6 +183,7 @@ _LORA_ALPHA = "LoRA scale numerator: the adapters are scaled by alpha / rank (de
 
 @app.command("finetune")
 @handle_errors
+@_one_error_per_run()
 def finetune_command(
     data: str = typer.Argument(..., help=DATA_HELP, show_default=False),
     model: str = typer.Option(None, "--model", "-m", help=MODEL_HELP),
@@ -134,12 +200,17 @@ def finetune_command(
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16."),
     freeze: str = typer.Option("none", "--freeze", help=_FREEZE),
     prompts: str = typer.Option(None, "--prompts", help=PROMPTS_HELP),
-    val: str = typer.Option(None, "--val", help="Validation data (same layouts): Dice per class on full volumes."),
-    val_every: int = typer.Option(None, "--val-every", help="Validate every N steps (default: --save-every) and at "
-                                  "the end."),
+    val: str = typer.Option(None, "--val", help=_VAL),
+    val_every: int = typer.Option(None, "--val-every", help=_VAL_EVERY),
+    val_fraction: float = typer.Option(0.2, "--val-fraction", help=_VAL_FRACTION),
+    fold: int = typer.Option(None, "--fold", help=_FOLD),
+    folds: int = typer.Option(None, "--folds", help=_FOLDS),
+    early_stop: int = typer.Option(0, "--early-stop", help=_EARLY_STOP),
+    tensorboard: bool = typer.Option(False, "--tensorboard", help=_TENSORBOARD),
+    overwrite: bool = typer.Option(False, "--overwrite", help=_OVERWRITE),
     resume: bool = typer.Option(None, "--resume/--no-resume", help=_RESUME, show_default=False),
     seed: int = typer.Option(42, "--seed", help="Seed for sample order, prompts, augmentation and dropout."),
-    save_every: int = typer.Option(250, "--save-every", help="Checkpoint every N steps (0: only at the end)."),
+    save_every: int = typer.Option(250, "--save-every", help=_SAVE_EVERY),
     keep_checkpoints: int = typer.Option(2, "--keep-checkpoints", help="Checkpoints to keep."),
     modality: str = typer.Option(None, "--modality", help="Modality of raw scans (default: dataset.json, else the "
                                  "segment heuristic)."),
@@ -163,13 +234,16 @@ def finetune_command(
 
     args = _common(data, output, max_steps, epochs, lr, batch_size, grad_accum, weight_decay, warmup_ratio, device,
                    precision, freeze, prompts, val, val_every, resume, seed, save_every, keep_checkpoints, modality,
-                   window, augment, threads, cache, no_augment, skip_bad_cases, lora_rank, lora_alpha)
+                   window, augment, threads, cache, no_augment, skip_bad_cases=skip_bad_cases, lora_rank=lora_rank,
+                   lora_alpha=lora_alpha, val_fraction=val_fraction, fold=fold, folds=folds, early_stop=early_stop,
+                   tensorboard=tensorboard, overwrite=overwrite)
     with _reporter(quiet or int(os.environ.get("RANK", "0")) != 0) as callback:
         finetune(args, model, revision, callback)
 
 
 @app.command("train")
 @handle_errors
+@_one_error_per_run()
 def train_command(
     data: str = typer.Argument(..., help=DATA_HELP, show_default=False),
     output: str = typer.Option(..., "--output", "-o", help=OUTPUT_HELP, show_default=False),
@@ -199,12 +273,17 @@ def train_command(
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16."),
     freeze: str = typer.Option("none", "--freeze", help=_FREEZE),
     prompts: str = typer.Option(None, "--prompts", help=PROMPTS_HELP),
-    val: str = typer.Option(None, "--val", help="Validation data (same layouts): Dice per class on full volumes."),
-    val_every: int = typer.Option(None, "--val-every", help="Validate every N steps (default: --save-every) and at "
-                                  "the end."),
+    val: str = typer.Option(None, "--val", help=_VAL),
+    val_every: int = typer.Option(None, "--val-every", help=_VAL_EVERY),
+    val_fraction: float = typer.Option(0.2, "--val-fraction", help=_VAL_FRACTION),
+    fold: int = typer.Option(None, "--fold", help=_FOLD),
+    folds: int = typer.Option(None, "--folds", help=_FOLDS),
+    early_stop: int = typer.Option(0, "--early-stop", help=_EARLY_STOP),
+    tensorboard: bool = typer.Option(False, "--tensorboard", help=_TENSORBOARD),
+    overwrite: bool = typer.Option(False, "--overwrite", help=_OVERWRITE),
     resume: bool = typer.Option(None, "--resume/--no-resume", help=_RESUME, show_default=False),
     seed: int = typer.Option(42, "--seed", help="Seed for initial weights, sample order, prompts, augmentation."),
-    save_every: int = typer.Option(250, "--save-every", help="Checkpoint every N steps (0: only at the end)."),
+    save_every: int = typer.Option(250, "--save-every", help=_SAVE_EVERY),
     keep_checkpoints: int = typer.Option(2, "--keep-checkpoints", help="Checkpoints to keep."),
     modality: str = typer.Option(None, "--modality", help="Modality of raw scans (default: dataset.json, else the "
                                  "segment heuristic)."),
@@ -243,6 +322,8 @@ def train_command(
         raise UsageError(str(exc)) from None
     args = _common(data, output, max_steps, epochs, lr, batch_size, grad_accum, weight_decay, warmup_ratio, device,
                    precision, freeze, prompts, val, val_every, resume, seed, save_every, keep_checkpoints, modality,
-                   window, augment, threads, cache, no_augment, skip_bad_cases, lora_rank, lora_alpha)
+                   window, augment, threads, cache, no_augment, skip_bad_cases=skip_bad_cases, lora_rank=lora_rank,
+                   lora_alpha=lora_alpha, val_fraction=val_fraction, fold=fold, folds=folds, early_stop=early_stop,
+                   tensorboard=tensorboard, overwrite=overwrite)
     with _reporter(quiet or int(os.environ.get("RANK", "0")) != 0) as callback:
         train_from_scratch(args, config, tokenizer, pretrained_text, callback)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from text3dsam_cli.errors import InputError
 from text3dsam_cli.io.atomic import _split_suffix, encodable
 from text3dsam_cli.io.npz import check_finite
-from text3dsam_cli.io.volume import Volume
+from text3dsam_cli.io.volume import Volume, shape_text
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
@@ -99,7 +99,7 @@ def itk_path(path: str | os.PathLike[str]) -> Iterator[str]:
 
 def check_layout(dimension: int, size: tuple[int, ...], components: int, path: Path) -> None:
     """Refuse anything but a single-channel 3-D image with more than one slice."""
-    shown = "x".join(str(s) for s in size)
+    shown = shape_text(tuple(reversed(size)))  # ITK sizes are (x, y, z); messages show array order
     if components != 1:
         raise InputError(f"has {components} values per voxel (colour or vector image, size {shown}); "
                          "a single-channel 3-D volume is needed", path)

@@ -11,6 +11,14 @@ import numpy as np
 IDENTITY_DIRECTION: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
 
+def shape_text(shape: tuple[int, ...] | list[int]) -> str:
+    """A shape in array order with its axes named, as every shape message shows it: ``"19x138x168 (z, y, x)"``
+    (``(y, x)`` for two axes, ``(t, z, y, x)`` for four). ITK sizes are (x, y, z): reverse them first."""
+    names = ("c", "t", "z", "y", "x")[-len(shape):] if 0 < len(shape) <= 5 else ()
+    axes = f" ({', '.join(names)})" if names else ""
+    return "x".join(str(int(s)) for s in shape) + axes
+
+
 @dataclass
 class Volume:
     """An image as SimpleITK lays it out: ``array`` is (z, y, x); geometry is in SimpleITK's (x, y, z) terms.

@@ -38,6 +38,7 @@ from text3dsam_cli.errors import InputError
 from text3dsam_cli.io import formats
 from text3dsam_cli.io.npz import npz_keys, read_npz_array, read_text_prompts
 from text3dsam_cli.io.readers import read_volume
+from text3dsam_cli.io.volume import shape_text
 from text3dsam_cli.preprocess import DEFAULT_WINDOW
 from text3dsam_cli.prompts import is_label_map, parse_label_map, parse_phrasings, read_prompt_collection
 
@@ -330,8 +331,8 @@ def load_case(case: CaseSpec, window: str | tuple[float, float] = DEFAULT_WINDOW
     if labels.dtype.kind == "b":
         labels = labels.astype(np.uint8)
     if tuple(labels.shape) != volume.shape:
-        raise InputError(f"ground truth shape {tuple(labels.shape)} differs from the image's {volume.shape}",
-                         case.labels)
+        raise InputError(f"ground truth shape {shape_text(labels.shape)} differs from the image's "
+                         f"{shape_text(volume.shape)}", case.labels)
     if scan.reorientation is not None and not scan.reorientation.is_identity:
         labels = np.ascontiguousarray(scan.reorientation.apply(labels))
     return image, labels

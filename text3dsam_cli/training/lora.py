@@ -17,6 +17,7 @@ ordinary checkpoint, loadable by ``load_model`` / ``segment --model`` without pe
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -66,6 +67,12 @@ def add_lora(model: nn.Module, rank: int, alpha: float | None = None, targets: S
 def merge_lora(tuner: Any) -> nn.Module:
     """Fold the adapters into the base weights and remove them (in place); returns the plain model."""
     return tuner.merge_and_unload()
+
+
+def merged_copy(tuner: Any) -> nn.Module:
+    """A plain model with the adapters folded in, leaving ``tuner``'s model (still training) as it is: what the
+    best model so far is saved as while training goes on."""
+    return copy.deepcopy(tuner).merge_and_unload()
 
 
 def has_lora(model: nn.Module) -> bool:
