@@ -138,3 +138,23 @@ def test_missing_peft_is_a_usage_error(monkeypatch, small_model):
         add_lora(small_model, 4)
     with pytest.raises(UsageError):
         TrainingArguments(data="x", output="y", lora_rank=2, freeze=("image",)).check()
+
+
+@pytest.mark.slow
+def test_lora_best_model_is_saved_merged_while_training_goes_on(tmp_path, tiny_checkpoint, npz_in_file):  # noqa: F811
+    """With a validation split, the best model so far is saved during training from a merged copy: OUTPUT (best)
+    and OUTPUT/last are plain checkpoints, and the adapters kept training after the best was saved."""
+    import shutil
+
+    shutil.copy(npz_in_file / f"{US_CASE}.npz", npz_in_file / f"{US_CASE}_b.npz")  # two cases: a split exists
+    out = tmp_path / "out"
+    finetune(_args(npz_in_file, out, lora_rank=4, warmup_ratio=0.0, learning_rate=1e-3, max_steps=2,
+                   val_fraction=0.5, val_every=1), load_model(tiny_checkpoint))
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["best_step"] in (1, 2) and summary["last_step"] == 2
+    states = [load_model(folder).state_dict() for folder in (out, out / "last")]
+    for state in states:
+        assert not any("lora" in k or "base_layer" in k for k in state)
+    if summary["best_step"] == 1:  # the best (step 1) was saved, then the adapters trained one more step
+        assert any(not torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert json.loads((out / "splits.json").read_text())["val"]

@@ -365,7 +365,8 @@ def test_shape_messages_name_their_axes(tmp_path, tiny):
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((1, 5, 6), np.int16)), str(flat))
     with pytest.raises(InputError, match=r"size 1x5x6 \(z, y, x\)"):  # ITK's (x, y, z) size, shown in array order
         read_volume(flat)
-    result = _cli("train", root, "-o", tmp_path / "o2", "--image-size", "64,64,64", "--tokenizer",
+    good = _dataset(tmp_path / "ds_good", 1)  # (the data check at the start of train would stop at `root`)
+    result = _cli("train", good, "-o", tmp_path / "o2", "--image-size", "64,64,64", "--tokenizer",
                   REFERENCE / "vocab.txt", "--device", "cpu")
     assert result.exit_code == 2 and "image size 64x64x64 (z, y, x)" in result.output
 
