@@ -6,8 +6,7 @@ imported on first use (PEP 562), so that ``import text3dsam_cli`` and ``text3dsa
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from text3dsam_cli.lazy import lazy_exports
 
 __version__ = "0.2.0"
 
@@ -26,14 +25,4 @@ _EXPORTS = {
 __all__ = ["DEFAULT_MODEL", "__version__", *sorted(_EXPORTS)]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

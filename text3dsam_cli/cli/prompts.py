@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import typer
 from rich.markup import escape
@@ -43,12 +44,8 @@ def prompts_command(
         _list_presets(query, modality, limit, phrasings, as_json)
         return
     found = search_vocabulary(query or "", modality=modality, limit=limit)
-    if as_json:
-        typer.echo(json.dumps([entry.to_dict() for entry in found], indent=2, ensure_ascii=False))
+    if _json_or_none(found, as_json, "class", query, modality):
         return
-    if not found:
-        err_console.print(f"no class matches {query!r}" + (f" in {modality}" if modality else ""))
-        raise typer.Exit(1)
     table = Table(show_lines=phrasings)
     table.add_column("Class")
     table.add_column("Modality")
@@ -62,6 +59,17 @@ def prompts_command(
     err_console.print(f"[dim]{len(found)} of {total} classes; phrasings: --phrasings; machine-readable: --json[/]")
 
 
+def _json_or_none(found: list[Any], as_json: bool, noun: str, query: str | None, modality: str | None) -> bool:
+    """``--json``: print ``found`` as JSON (True: done); nothing found: say so and exit 1; else False (a table)."""
+    if as_json:
+        typer.echo(json.dumps([item.to_dict() for item in found], indent=2, ensure_ascii=False))
+        return True
+    if not found:
+        err_console.print(f"no {noun} matches {query!r}" + (f" in {modality}" if modality else ""))
+        raise typer.Exit(1)
+    return False
+
+
 def _list_presets(query: str | None, modality: str | None, limit: int | None, prompts: bool, as_json: bool) -> None:
     """``text3dsam prompts --presets``: name, modality, number of classes (``--phrasings``: their prompts)."""
     from rich.console import Console
@@ -71,12 +79,8 @@ def _list_presets(query: str | None, modality: str | None, limit: int | None, pr
 
     found = [p for p in load_presets(modality) if normalize_text(query or "") in normalize_text(p.name)]
     found = found[:limit] if limit is not None else found
-    if as_json:
-        typer.echo(json.dumps([preset.to_dict() for preset in found], indent=2, ensure_ascii=False))
+    if _json_or_none(found, as_json, "preset", query, modality):
         return
-    if not found:
-        err_console.print(f"no preset matches {query!r}" + (f" in {modality}" if modality else ""))
-        raise typer.Exit(1)
     table = Table(show_lines=prompts)
     table.add_column("Preset")
     table.add_column("Modality")

@@ -16,7 +16,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -298,6 +298,22 @@ def _move_into(tmp: Path, out: Path) -> None:
     os.replace(tmp / "config.json", out / "config.json")
 
 
+@contextlib.contextmanager
+def _model_folder(output: Path) -> Iterator[Path]:
+    """A hidden temporary folder to fill with a complete model; its files then replace ``output``'s model,
+    ``config.json`` last (:func:`_move_into`), so that no half-written model is ever visible there."""
+    tmp = output / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        yield tmp
+        _move_into(tmp, output)
+    except OSError as exc:
+        raise OutputError(f"cannot write the trained model ({exc.strerror or exc})", output) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def save_final_model(model: Text3DSAM, output: str | os.PathLike[str]) -> Path:
     """Write the model into ``output`` (a ``load_model`` folder) so that no half-written model is ever visible.
 
@@ -307,37 +323,22 @@ def save_final_model(model: Text3DSAM, output: str | os.PathLike[str]) -> Path:
     from text3dsam_cli.model import save_model
 
     out = Path(output)
-    tmp = out / ".final.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
+    with _model_folder(out) as tmp:
         save_model(model, tmp)
-        _move_into(tmp, out)
-    except OSError as exc:
-        raise OutputError(f"cannot write the trained model ({exc.strerror or exc})", out) from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
 def install_model_folder(source: Path, output: Path) -> Path:
     """Make ``output`` hold the model of the folder ``source`` (hard links where possible, else copies), with
     the same no-half-written-model rule as :func:`save_final_model`."""
-    tmp = output / ".final.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
+    with _model_folder(output) as tmp:
+        tmp.mkdir()
         for item in sorted(source.iterdir()):
             if item.is_file() and item.name != "best.json":
                 try:
                     os.link(item, tmp / item.name)
                 except OSError:
                     shutil.copy2(item, tmp / item.name)
-        _move_into(tmp, output)
-    except OSError as exc:
-        raise OutputError(f"cannot write the trained model ({exc.strerror or exc})", output) from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return output
 
 
