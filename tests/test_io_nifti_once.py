@@ -1,4 +1,5 @@
-"""Float .nii.gz files are decompressed once: same voxels and geometry as ITK, NaN and truncation still refused."""
+"""Plain-scalar .nii.gz files (float and integer) are decompressed once: same voxels, dtype and geometry as ITK,
+NaN and truncation still refused; scaled voxels go through ITK."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def _affine(kind: str) -> np.ndarray:
 
 
 def _write(path, array, affine, dtype=np.float32, form="both", scale=None):
-    image = nib.Nifti1Image(array.astype(dtype), affine)
+    image = nib.Nifti1Image(array.astype(dtype), affine, dtype=np.dtype(dtype))
     if form == "sform":
         image.set_qform(None, code=0)
     elif form == "qform":
@@ -58,6 +59,34 @@ def test_same_voxels_and_geometry_as_itk(tmp_path, kind, form, dtype, monkeypatc
     np.testing.assert_allclose(volume.direction, direction, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.int16, np.uint16, np.int32, np.uint32, np.int64,
+                                   np.dtype(">i2")])
+def test_integer_types_same_as_itk(tmp_path, dtype):
+    rng = np.random.default_rng(1)
+    info = np.iinfo(dtype)
+    array = rng.integers(max(info.min, -3000), min(info.max, 3000), (6, 8, 5), endpoint=True)
+    path = _write(tmp_path / "i.nii.gz", array, _affine("oblique"), dtype)
+    volume = images._read_nifti_gz_once(path)  # what read_volume takes (None would send it through ITK)
+    assert volume is not None
+    np.testing.assert_array_equal(read_volume(path).array, volume.array)
+    expected, spacing, origin, direction = _itk(path)
+    np.testing.assert_allclose(volume.spacing, spacing, atol=1e-6)
+    assert volume.array.dtype == expected.dtype and volume.array.dtype.isnative
+    np.testing.assert_array_equal(volume.array, expected)
+    np.testing.assert_allclose(volume.origin, origin, atol=1e-5)
+    np.testing.assert_allclose(volume.direction, direction, atol=1e-6)
+
+
+def test_scaled_integers_use_itk_path(tmp_path):
+    path = _write(tmp_path / "s.nii.gz", np.arange(120).reshape(4, 5, 6), _affine("plain"), np.int16,
+                  scale=(0.5, -10.0))
+    assert images._read_nifti_gz_once(path) is None
+    volume = read_volume(path)
+    expected = _itk(path)[0]
+    assert volume.array.dtype == expected.dtype
+    np.testing.assert_array_equal(volume.array, expected)
+
+
 def test_nan_refused(tmp_path):
     array = np.ones((4, 5, 6), np.float32)
     array[1, 2, 3] = np.nan
@@ -88,6 +117,19 @@ def test_multi_member_gzip(tmp_path):
 
 def test_scaled_float_uses_itk_path(tmp_path):
     path = _write(tmp_path / "s.nii.gz", np.ones((4, 5, 6)), _affine("plain"), scale=(2.0, 1.0))
-    assert images._read_float_nifti_gz_once(path) is None
+    assert images._read_nifti_gz_once(path) is None
     np.testing.assert_array_equal(read_volume(path).array, _itk(path)[0])
 
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.int16])
+def test_header_bomb_refused_before_allocation(tmp_path, dtype, monkeypatch):
+    """A small .nii.gz claiming 2000^3 voxels is refused from its header (the once path allocates the whole
+    decompressed size up front)."""
+    path = _write(tmp_path / "b.nii", np.zeros((4, 4, 4)), _affine("plain"), dtype)
+    raw = bytearray(path.read_bytes())
+    raw[42:48] = np.array([2000, 2000, 2000], "<i2").tobytes()  # dim[1:4]
+    (tmp_path / "b.nii.gz").write_bytes(gzip.compress(bytes(raw)))
+    monkeypatch.setattr(np, "empty", lambda *a, **k: pytest.fail("allocated before the size check"))
+    with pytest.raises(InputError, match="more than the limit"):
+        images._read_nifti_gz_once(tmp_path / "b.nii.gz")
