@@ -610,13 +610,42 @@ def _write_files(volume: Volume, result: SegmentationResult, plan: OutputPlan, w
         record("preview", extras["preview"])
 
 
+#: ``TEXT3DSAM_WRITE_BEHIND``: 1 writes each input's outputs on a writer thread while the next input is
+#: processed, 0 writes them in turn; unset: :func:`wants_write_behind` decides.
+WRITE_BEHIND_ENV = "TEXT3DSAM_WRITE_BEHIND"
+
+
+def wants_write_behind(segmenter: Segmenter, asked: bool | None = None) -> bool:
+    """Whether a folder run writes an input's outputs while the next input is processed.
+
+    ``asked`` (or ``TEXT3DSAM_WRITE_BEHIND``) decides when given. Otherwise: on an accelerator, where the CPU
+    waits for the device and compression has cores to itself; not on the CPU, where the model already uses
+    every core (docs/performance.md has the measurement)."""
+    if asked is None:
+        text = os.environ.get(WRITE_BEHIND_ENV, "").strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            asked = True
+        elif text in ("0", "false", "no", "off"):
+            asked = False
+        elif text:
+            raise UsageError(f"{WRITE_BEHIND_ENV}={os.environ[WRITE_BEHIND_ENV]!r}: expected 1 or 0")
+    if asked is not None:
+        return asked
+    return getattr(segmenter, "device", None) is not None and segmenter.device.type != "cpu"
+
+
 class SegmentRun:
-    """Runs a list of inputs through one :class:`Segmenter`, reading the next input while the current one infers."""
+    """Runs a list of inputs through one :class:`Segmenter`, reading the next input while the current one infers.
+
+    With ``write_behind`` (:func:`wants_write_behind`) an input's outputs are written on a writer thread while
+    the next input is read, prepared and segmented; outcomes and ``on_event`` calls stay in input order, in the
+    calling thread, and at most one input's outputs wait to be written."""
 
     def __init__(self, segmenter: Segmenter, prompts: Sequence[str], options: SegmentOptions,
                  on_event: Callable[[str, dict[str, Any]], None] | None = None, read_ahead: int = 1,
-                 label_values: Sequence[int] | None = None) -> None:
+                 label_values: Sequence[int] | None = None, write_behind: bool | None = None) -> None:
         self.segmenter = segmenter
+        self.write_behind = wants_write_behind(segmenter, write_behind)
         self.label_values = list(label_values) if label_values is not None else None
         if self.label_values is not None and len(self.label_values) != len(prompts):
             raise UsageError("one label value per prompt is needed")
@@ -700,33 +729,65 @@ class SegmentRun:
             done = plan.error is None and self.options.skip_existing and (is_done(plan) or self._stored(item, plan))
             todo.append(plan.error is None and not done)
         outcomes: list[ItemOutcome] = []
-        for (item, future), plan, do in zip(self._prefetched(items, todo, early), plans, todo):
-            t0 = time.perf_counter()
-            self.on_event("start", {"input": str(item.path), "output": str(plan.labels)})
-            if plan.error is not None:
-                outcome = ItemOutcome(str(item.path), "failed", error=plan.error)
-            elif not do:  # no local outputs listed when the server holds them (dicomweb.already_stored)
-                outcome = ItemOutcome(str(item.path), "skipped", [] if id(plan) in self._on_server else
-                                      [str(p) for p in plan.files])
-            else:
+        waiting: tuple[InputItem, float, Future] | None = None  # the input whose outputs are being written
+
+        def finish(item: InputItem, t0: float, outcome: ItemOutcome | Future) -> None:
+            if isinstance(outcome, Future):
                 try:
-                    outcome = self._process(item, future, plan, claims)
-                except Text3DSAMError as exc:
-                    text = str(exc) if str(exc).startswith(f"{item.path}: ") else f"{item.path}: {exc}"
-                    outcome = ItemOutcome(str(item.path), "failed", error=text, exception=exc)
-                except MemoryError:
-                    outcome = ItemOutcome(str(item.path), "failed", error=f"{item.path}: out of memory")
-                except Exception as exc:  # an unexpected failure on one input must not end the batch
-                    log.debug("unexpected failure on %s", item.path, exc_info=True)
-                    outcome = ItemOutcome(str(item.path), "failed", error=f"{item.path}: {type(exc).__name__}: {exc}",
-                                          exception=exc)
+                    outcome = outcome.result()
+                except BaseException as exc:  # mapped like a failure in the calling thread
+                    outcome = self._failed(item, exc)
             outcome.seconds = time.perf_counter() - t0
             dicomweb.release([item.path])  # the temporary copy of a retrieved series
             outcomes.append(outcome)
             self.on_event("done", {"outcome": outcome})
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="text3dsam-write") as writer:
+            for (item, future), plan, do in zip(self._prefetched(items, todo, early), plans, todo):
+                t0 = time.perf_counter()
+                self.on_event("start", {"input": str(item.path), "output": str(plan.labels)})
+                result: ItemOutcome | Future
+                if plan.error is not None:
+                    result = ItemOutcome(str(item.path), "failed", error=plan.error)
+                elif not do:  # no local outputs listed when the server holds them (dicomweb.already_stored)
+                    result = ItemOutcome(str(item.path), "skipped", [] if id(plan) in self._on_server else
+                                         [str(p) for p in plan.files])
+                else:
+                    try:
+                        write = self._process(item, future, plan, claims)
+                        result = writer.submit(write) if self.write_behind else write()
+                    except BaseException as exc:  # an interrupt is raised again by _failed
+                        result = self._failed(item, exc)
+                if waiting is not None:  # the previous input's outputs, written meanwhile
+                    finish(*waiting)
+                    waiting = None
+                if isinstance(result, Future):
+                    waiting = (item, t0, result)
+                else:
+                    finish(item, t0, result)
+            if waiting is not None:
+                finish(*waiting)
         return RunSummary(outcomes, time.perf_counter() - start)
 
-    def _process(self, item: InputItem, future: Future, plan: OutputPlan, claims: Claims) -> ItemOutcome:
+    @staticmethod
+    def _failed(item: InputItem, exc: BaseException) -> ItemOutcome:
+        """One input's failure as its outcome; an interrupt (or exit) is raised again, ending the run."""
+        if isinstance(exc, Text3DSAMError):
+            text = str(exc) if str(exc).startswith(f"{item.path}: ") else f"{item.path}: {exc}"
+            return ItemOutcome(str(item.path), "failed", error=text, exception=exc)
+        if isinstance(exc, MemoryError):
+            return ItemOutcome(str(item.path), "failed", error=f"{item.path}: out of memory")
+        if not isinstance(exc, Exception):
+            raise exc
+        # an unexpected failure on one input must not end the batch
+        log.debug("unexpected failure on %s", item.path, exc_info=exc)
+        return ItemOutcome(str(item.path), "failed", error=f"{item.path}: {type(exc).__name__}: {exc}",
+                           exception=exc)
+
+    def _process(self, item: InputItem, future: Future, plan: OutputPlan,
+                 claims: Claims) -> Callable[[], ItemOutcome]:
+        """Read (wait for the prefetched volume), check, prepare and segment one input; returns the writing of
+        its outputs, to be called in this thread or on the writer thread."""
         t_read = time.perf_counter()
         volume: Volume = future.result()
         waited = time.perf_counter() - t_read
@@ -761,6 +822,9 @@ class SegmentRun:
                     sidecar["dicomweb"]["store"] = dicomweb.store_outputs(
                         item.path, written, [c.name for c in wanted], o.store_to, o.dicomweb_token)
 
-        files, sidecar = write_outputs(item, done, final, dict(self.segmenter.model.source),
-                                       {"read_wait": waited, **done.timings}, sources, dicomweb_record)
-        return ItemOutcome(str(item.path), "ok", files, sidecar=sidecar)
+        def write() -> ItemOutcome:
+            files, sidecar = write_outputs(item, done, final, dict(self.segmenter.model.source),
+                                           {"read_wait": waited, **done.timings}, sources, dicomweb_record)
+            return ItemOutcome(str(item.path), "ok", files, sidecar=sidecar)
+
+        return write
