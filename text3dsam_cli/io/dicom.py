@@ -11,10 +11,12 @@ StudyInstanceUID, SeriesInstanceUID, SeriesDescription and Modality), which the 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,9 @@ from text3dsam_cli.errors import InputError
 from text3dsam_cli.io.atomic import encodable
 from text3dsam_cli.io.itk import first_error_line, itk_path, simpleitk, volume_from_image
 from text3dsam_cli.io.limits import check_voxel_count
+from text3dsam_cli.io.npz import check_finite
 from text3dsam_cli.io.volume import Volume
+from text3dsam_cli.parallel import thread_budget
 
 log = logging.getLogger(__name__)
 
@@ -225,10 +229,13 @@ def choose_series(folder: str | os.PathLike[str], series_uid: str | None = None,
 
 
 def read_series(series: DicomSeries, where: str | os.PathLike[str]) -> Volume:
-    """Read the files of one series into a :class:`Volume` (array (z, y, x), native dtype, LPS geometry)."""
-    check_series_complete(series, where)
+    """Read the files of one series into a :class:`Volume` (array (z, y, x), native dtype, LPS geometry).
+
+    A long series is read in slabs of consecutive files on the thread budget's threads (GDCM decodes with the
+    GIL released: JPEG 2000 slices decode on every core), while the completeness check (pydicom, in this
+    thread) runs beside them; the result is the whole-series reader's: same voxels, dtype and geometry
+    (:func:`_read_slabs`)."""
     _check_series_size(series, where)
-    reader = sitk.ImageSeriesReader()
     try:
         with contextlib.ExitStack() as stack:
             files = list(series.files)
@@ -237,8 +244,13 @@ def read_series(series: DicomSeries, where: str | os.PathLike[str]) -> Volume:
                 for i, name in enumerate(list(files)):
                     files[i] = os.path.join(links, f"{i:06d}.dcm")
                     os.symlink(os.path.abspath(name), files[i])
-            reader.SetFileNames(files)
-            image = reader.Execute()
+            slabs = _slab_bounds(len(files))
+            read = _read_slabs(files, slabs, lambda: check_series_complete(series, where)) if slabs else None
+            if read is None:  # one reader for the whole series (short series, or slabs that do not fit together)
+                check_series_complete(series, where)
+                reader = sitk.ImageSeriesReader()
+                reader.SetFileNames(files)
+                image = reader.Execute()
     except RuntimeError as exc:
         raise InputError(f"cannot read the DICOM series {series.uid or '(empty UID)'} "
                          f"({first_error_line(exc)})", where) from None
@@ -251,7 +263,90 @@ def read_series(series: DicomSeries, where: str | os.PathLike[str]) -> Volume:
         "dicom_files": list(series.files),
         "dicom_series": series_identity(series),
     }
-    return volume_from_image(image, Path(where), "dicom", series.modality, meta)
+    if read is None:
+        return volume_from_image(image, Path(where), "dicom", series.modality, meta)
+    array, spacing, origin, direction = read
+    check_finite(array, Path(where), "the image")
+    return Volume(array=array, spacing=spacing, origin=origin, direction=direction, path=Path(where),
+                  source_format="dicom", modality=series.modality, meta=meta)
+
+
+#: Fewest files of a DICOM series one thread reads: a shorter series is read by one reader.
+SLAB_FILES = 16
+
+
+def _slab_bounds(count: int) -> list[tuple[int, int]]:
+    """(start, stop) of the slabs a series of ``count`` files is read in: one per thread of the budget, each of
+    at least :data:`SLAB_FILES` files; empty when one reader reads it all."""
+    slabs = min(thread_budget(), count // SLAB_FILES)
+    if slabs < 2:
+        return []
+    edges = [round(i * count / slabs) for i in range(slabs + 1)]
+    return list(itertools.pairwise(edges))
+
+
+class _SlabMismatch(Exception):
+    """A slab that does not continue the first one (other slice size or type): read the series whole."""
+
+
+def _read_slabs(files: list[str], slabs: list[tuple[int, int]], check: Callable[[], None],
+                ) -> tuple[np.ndarray, tuple[float, float, float], tuple[float, float, float],
+                           tuple[float, ...]] | None:
+    """The series' array and geometry, each slab read by its own ``ImageSeriesReader`` on a thread while
+    ``check()`` runs in this one; None when the slabs do not fit together (the caller reads the series whole,
+    so that ITK reports the problem in its own words).
+
+    The result is what one reader of all the files gives (ITK's ``ImageSeriesReader`` with its default,
+    orthogonal direction): the first file's pixel type (given to every slab), origin, direction and in-plane
+    spacing, and as slice spacing the distance from the first file's position to the last's over
+    (files - 1)."""
+    first = sitk.ImageFileReader()
+    first.SetFileName(files[0])
+    first.ReadImageInformation()
+    last = sitk.ImageFileReader()
+    last.SetFileName(files[-1])
+    last.ReadImageInformation()
+    size = first.GetSize()
+    if first.GetDimension() != 3 or size[2] != 1 or first.GetNumberOfComponents() != 1:
+        return None  # multi-frame or colour files: the whole-series reader decides
+    pixel_id = first.GetPixelID()
+    dtype = sitk.GetArrayViewFromImage(sitk.Image([1, 1, 1], pixel_id)).dtype
+    if dtype.kind == "c":
+        return None
+    array = np.empty((len(files), size[1], size[0]), dtype)
+    geometry: list[Any] = []
+
+    def read(bounds: tuple[int, int]) -> None:
+        start, stop = bounds
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(files[start:stop])
+        reader.SetOutputPixelType(pixel_id)
+        image = reader.Execute()
+        if image.GetSize() != (size[0], size[1], stop - start) or image.GetNumberOfComponentsPerPixel() != 1:
+            raise _SlabMismatch
+        array[start:stop] = sitk.GetArrayViewFromImage(image)
+        if start == 0:
+            geometry.extend((image.GetSpacing(), image.GetOrigin(), image.GetDirection()))
+
+    with ThreadPoolExecutor(len(slabs), thread_name_prefix="text3dsam-dicom") as pool:
+        futures = [pool.submit(read, bounds) for bounds in slabs]
+        try:
+            check()
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+        try:
+            for future in futures:
+                future.result()
+        except _SlabMismatch:
+            return None
+    spacing, origin, direction = geometry
+    step = np.asarray(last.GetOrigin(), np.float64) - np.asarray(origin, np.float64)
+    norm = float(np.sqrt(step[0] * step[0] + step[1] * step[1] + step[2] * step[2]))
+    slice_spacing = norm / (len(files) - 1) if norm > 0 else 1.0
+    return (array, (float(spacing[0]), float(spacing[1]), slice_spacing),
+            tuple(float(v) for v in origin), tuple(float(v) for v in direction))  # type: ignore[return-value]
 
 
 def series_identity(series: DicomSeries) -> dict[str, str | None]:
