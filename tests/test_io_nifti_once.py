@@ -133,3 +133,39 @@ def test_header_bomb_refused_before_allocation(tmp_path, dtype, monkeypatch):
     monkeypatch.setattr(np, "empty", lambda *a, **k: pytest.fail("allocated before the size check"))
     with pytest.raises(InputError, match="more than the limit"):
         images._read_nifti_gz_once(tmp_path / "b.nii.gz")
+
+
+def test_bad_crc_refused(tmp_path):
+    path = _write(tmp_path / "c.nii.gz", np.arange(120, dtype=np.float32).reshape(4, 5, 6), _affine("plain"))
+    raw = bytearray(path.read_bytes())
+    raw[-8] ^= 0xFF  # the gzip trailer's CRC-32
+    (tmp_path / "crc.nii.gz").write_bytes(bytes(raw))
+    with pytest.raises(InputError):  # by ITK's header read or the CRC check, whichever meets it first
+        read_volume(tmp_path / "crc.nii.gz")
+    big = _write(tmp_path / "b.nii.gz", np.random.default_rng(0).normal(size=(64, 64, 64)), _affine("plain"))
+    raw = bytearray(big.read_bytes())
+    raw[-8] ^= 0xFF
+    (tmp_path / "crc2.nii.gz").write_bytes(bytes(raw))
+    with pytest.raises(InputError, match=r"corrupt"):
+        images._read_nifti_gz_once(tmp_path / "crc2.nii.gz")
+
+
+@pytest.mark.parametrize("without", ["isal", "its C reader"])
+def test_same_result_without_isal(tmp_path, monkeypatch, without):
+    """Without ISA-L (optional at run time), or an ISA-L without its C gzip reader, zlib's loop reads the same
+    voxels, multi-member files included."""
+    array = np.random.default_rng(3).integers(-1000, 3000, (30, 20, 10)).astype(np.int16)
+    plain = _write(tmp_path / "p.nii", array, _affine("oblique"), np.int16)
+    raw = plain.read_bytes()
+    path = tmp_path / "p.nii.gz"
+    path.write_bytes(gzip.compress(raw[:5000]) + gzip.compress(raw[5000:]))
+    expected = images._read_nifti_gz_once(path).array
+    if without == "isal":
+        monkeypatch.setattr(images, "_isal", lambda module: None)
+    else:
+        from isal import isal_zlib
+        monkeypatch.delattr(isal_zlib, "_GzipReader")
+    monkeypatch.setattr(images, "INFLATE_PIECE", 4096)  # many pieces
+    monkeypatch.setattr(images, "INFLATE_CHUNK", 1000)
+    np.testing.assert_array_equal(images._read_nifti_gz_once(path).array, expected)
+    np.testing.assert_array_equal(expected, _itk(path)[0])
