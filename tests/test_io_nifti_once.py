@@ -150,7 +150,7 @@ def test_bad_crc_refused(tmp_path):
         images._read_nifti_gz_once(tmp_path / "crc2.nii.gz")
 
 
-@pytest.mark.parametrize("without", ["isal", "its C reader"])
+@pytest.mark.parametrize("without", ["isal", "its C reader", "the C reader's constructor"])
 def test_same_result_without_isal(tmp_path, monkeypatch, without):
     """Without ISA-L (optional at run time), or an ISA-L without its C gzip reader, zlib's loop reads the same
     voxels, multi-member files included."""
@@ -162,9 +162,16 @@ def test_same_result_without_isal(tmp_path, monkeypatch, without):
     expected = images._read_nifti_gz_once(path).array
     if without == "isal":
         monkeypatch.setattr(images, "_isal", lambda module: None)
-    else:
+    elif without == "its C reader":
         from isal import isal_zlib
         monkeypatch.delattr(isal_zlib, "_GzipReader")
+    else:
+        from isal import isal_zlib
+
+        def other_signature(fp, buffersize, mode):
+            raise AssertionError("not called with this signature")
+
+        monkeypatch.setattr(isal_zlib, "_GzipReader", other_signature)
     monkeypatch.setattr(images, "INFLATE_PIECE", 4096)  # many pieces
     monkeypatch.setattr(images, "INFLATE_CHUNK", 1000)
     np.testing.assert_array_equal(images._read_nifti_gz_once(path).array, expected)
