@@ -191,6 +191,24 @@ def test_folder_with_corrupt_member_processes_the_rest(small_checkpoint, tmp_pat
     assert "1 failed" in result.stderr
 
 
+@pytest.mark.parametrize("behind", ["1", "0"])
+def test_folder_with_corrupt_member_written_behind(small_checkpoint, tmp_path, monkeypatch, behind):
+    """TEXT3DSAM_WRITE_BEHIND through the command: the same outputs, stdout paths and --json summary in input
+    order whether each input's outputs are written behind the next one or in turn."""
+    monkeypatch.setenv("TEXT3DSAM_WRITE_BEHIND", behind)
+    folder = _corrupt_folder(tmp_path)
+    out = tmp_path / "out"
+    result = segment(folder, "liver", "-m", small_checkpoint, "-o", out, "--json")
+    assert result.exit_code == 1
+    summary = json.loads(result.stdout)
+    assert [Path(o["input"]).name for o in summary["results"]] == ["a_ct.nii.gz", "b_broken.nii.gz", "c_mr.nii.gz"]
+    assert [o["status"] for o in summary["results"]] == ["ok", "failed", "ok"]
+    assert sorted(p.name for p in out.iterdir()) == ["a_ct.json", "a_ct.nii.gz", "c_mr.json", "c_mr.nii.gz"]
+    monkeypatch.setenv("TEXT3DSAM_WRITE_BEHIND", "maybe")
+    bad = segment(folder, "liver", "-m", small_checkpoint, "-o", tmp_path / "other")
+    assert bad.exit_code == 2 and "TEXT3DSAM_WRITE_BEHIND" in bad.stderr and "Traceback" not in bad.output
+
+
 def test_stdin_list_shards_and_skip_existing(small_checkpoint, tmp_path):
     folder = _corrupt_folder(tmp_path)
     (folder / "b_broken.nii.gz").unlink()
