@@ -147,3 +147,33 @@ def test_non_utf8_names(tmp_path, slabs):
     for i, path in enumerate(sorted(folder.iterdir())):
         shutil.copyfile(path, odd / (f"{i}".encode() + b"\xff.dcm").decode("utf-8", "surrogateescape"))
     _assert_same(read_volume(odd), _itk(folder))
+
+
+@pytest.mark.parametrize("threads", [None, 1])
+def test_segment_threads_bound_the_first_read(tmp_path, small_checkpoint, monkeypatch, threads):
+    """`segment --threads 1` reads even the first input (read while torch is imported) with one reader."""
+    import torch
+    from typer.testing import CliRunner
+
+    from text3dsam_cli.cli import app
+
+    monkeypatch.setattr(dicom, "SLAB_FILES", 2)
+    monkeypatch.setattr(parallel, "usable_cores", lambda: 3)
+    folder = _series(tmp_path / "s", 9)
+    calls = []
+    real = sitk.ImageSeriesReader.Execute
+
+    def execute(self):
+        calls.append(len(self.GetFileNames()))
+        return real(self)
+
+    monkeypatch.setattr(sitk.ImageSeriesReader, "Execute", execute)
+    args = ["segment", str(folder), "liver", "-m", str(small_checkpoint), "-o", str(tmp_path / "out.nii.gz")]
+    torch_threads = torch.get_num_threads()
+    try:
+        result = CliRunner().invoke(app, args + (["--threads", str(threads)] if threads else []))
+    finally:  # --threads sets process-wide limits: give the other tests theirs back
+        parallel.set_thread_budget(None)
+        torch.set_num_threads(torch_threads)
+    assert result.exit_code == 0, result.output
+    assert sorted(calls) == ([9] if threads == 1 else [3, 3, 3])

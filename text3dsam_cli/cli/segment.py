@@ -137,7 +137,9 @@ def segment_command(
                                     "(each prompt is decoded separately; 0: no limit)."),
     shard: str = typer.Option(None, "--shard", help="Process shard i of n of the input list ('i/n', 1-based), "
                               "or 'auto': i/n from torchrun (RANK/WORLD_SIZE), a SLURM job array or srun tasks."),
-    threads: int = typer.Option(None, "--threads", help="CPU threads for torch."),
+    threads: int = typer.Option(None, "--threads", help="CPU threads for torch and every parallel step (reading "
+                                "DICOM slabs, normalisation, quality report, compression); default: the usable "
+                                "cores."),
     no_embedding_cache: bool = typer.Option(False, "--no-embedding-cache", help="Encode every prompt with the "
                                             "text encoder; neither read nor write the prompt-embedding store "
                                             "($TEXT3DSAM_CACHE, else ~/.cache/text3dsam)."),
@@ -203,6 +205,9 @@ def segment_command(
                          "separately; raise the limit to run them all)")
     target_spacing = parse_triple(spacing, "--spacing", float, "1.5,1.5,3 (mm, x,y,z)")
     items = select_shard(expand_inputs([input], stdin=sys.stdin if input == "-" else None), shard)
+    from text3dsam_cli.parallel import set_thread_budget
+
+    set_thread_budget(threads if threads and threads > 0 else None)  # the first read's threads too (DICOM slabs)
     early = {} if skip_existing else _read_first(items, series)
 
     from text3dsam_cli.devices import set_threads
