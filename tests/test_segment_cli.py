@@ -205,7 +205,7 @@ def test_folder_with_corrupt_member_written_behind(small_checkpoint, tmp_path, m
     assert [o["status"] for o in summary["results"]] == ["ok", "failed", "ok"]
     assert sorted(p.name for p in out.iterdir()) == ["a_ct.json", "a_ct.nii.gz", "c_mr.json", "c_mr.nii.gz"]
     monkeypatch.setenv("TEXT3DSAM_WRITE_BEHIND", "maybe")
-    bad = segment(folder, "liver", "-m", small_checkpoint, "-o", tmp_path / "other")
+    bad = segment(folder, "liver", "-m", tmp_path / "no-model", "-o", tmp_path / "other")  # before loading it
     assert bad.exit_code == 2 and "TEXT3DSAM_WRITE_BEHIND" in bad.stderr and "Traceback" not in bad.output
 
 

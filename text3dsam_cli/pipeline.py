@@ -615,6 +615,18 @@ def _write_files(volume: Volume, result: SegmentationResult, plan: OutputPlan, w
 WRITE_BEHIND_ENV = "TEXT3DSAM_WRITE_BEHIND"
 
 
+def write_behind_setting() -> bool | None:
+    """``TEXT3DSAM_WRITE_BEHIND`` as True/False, None when unset; a usage error for anything else."""
+    text = os.environ.get(WRITE_BEHIND_ENV, "").strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    if text:
+        raise UsageError(f"{WRITE_BEHIND_ENV}={os.environ[WRITE_BEHIND_ENV]!r}: expected 1 or 0")
+    return None
+
+
 def wants_write_behind(segmenter: Segmenter, asked: bool | None = None) -> bool:
     """Whether a folder run writes an input's outputs while the next input is processed.
 
@@ -622,13 +634,7 @@ def wants_write_behind(segmenter: Segmenter, asked: bool | None = None) -> bool:
     waits for the device and compression has cores to itself; not on the CPU, where the model already uses
     every core (docs/performance.md has the measurement)."""
     if asked is None:
-        text = os.environ.get(WRITE_BEHIND_ENV, "").strip().lower()
-        if text in ("1", "true", "yes", "on"):
-            asked = True
-        elif text in ("0", "false", "no", "off"):
-            asked = False
-        elif text:
-            raise UsageError(f"{WRITE_BEHIND_ENV}={os.environ[WRITE_BEHIND_ENV]!r}: expected 1 or 0")
+        asked = write_behind_setting()
     if asked is not None:
         return asked
     return getattr(segmenter, "device", None) is not None and segmenter.device.type != "cpu"

@@ -213,7 +213,14 @@ def segment_command(
     from text3dsam_cli.devices import set_threads
     from text3dsam_cli.inference import Segmenter
     from text3dsam_cli.model import load_model
-    from text3dsam_cli.pipeline import SegmentOptions, SegmentRun, check_input_prompts, check_options, plan_outputs
+    from text3dsam_cli.pipeline import (
+        SegmentOptions,
+        SegmentRun,
+        check_input_prompts,
+        check_options,
+        plan_outputs,
+        write_behind_setting,
+    )
 
     options = SegmentOptions(output=output, fmt=fmt, series_uid=series, modality=modality, window=window,
                              orientation=orientation, split=split, probabilities=probabilities, preview=preview,
@@ -223,6 +230,7 @@ def segment_command(
                              presets=tuple(presets), store=store or bool(store_to), store_to=store_to,
                              dicomweb_token=dicomweb_token)
     check_options(options)
+    write_behind_setting()  # a bad TEXT3DSAM_WRITE_BEHIND is a usage error before the model loads
     set_threads(threads)
     plan_outputs(items, options)  # usage errors (-o one file for several inputs) before the model loads
     check_input_prompts(items, prompts)  # an npz's own text_prompts too
