@@ -125,10 +125,9 @@ def test_the_completeness_check_still_refuses(tmp_path, slabs):
         read_volume(folder)
 
 
-def test_read_in_slabs_on_threads(tmp_path, slabs, monkeypatch):
-    """The slab path is the one taken (several ImageSeriesReader calls, one per slab)."""
-    folder = _series(tmp_path / "s", 9)
-    calls = []
+def _count_series_reads(monkeypatch) -> list[int]:
+    """The number of files of each ``ImageSeriesReader`` call from now on, in a list filled as they happen."""
+    calls: list[int] = []
     real = sitk.ImageSeriesReader.Execute
 
     def execute(self):
@@ -136,6 +135,13 @@ def test_read_in_slabs_on_threads(tmp_path, slabs, monkeypatch):
         return real(self)
 
     monkeypatch.setattr(sitk.ImageSeriesReader, "Execute", execute)
+    return calls
+
+
+def test_read_in_slabs_on_threads(tmp_path, slabs, monkeypatch):
+    """The slab path is the one taken (several ImageSeriesReader calls, one per slab)."""
+    folder = _series(tmp_path / "s", 9)
+    calls = _count_series_reads(monkeypatch)
     read_volume(folder)
     assert sorted(calls) == [3, 3, 3]
 
@@ -160,14 +166,7 @@ def test_segment_threads_bound_the_first_read(tmp_path, small_checkpoint, monkey
     monkeypatch.setattr(dicom, "SLAB_FILES", 2)
     monkeypatch.setattr(parallel, "usable_cores", lambda: 3)
     folder = _series(tmp_path / "s", 9)
-    calls = []
-    real = sitk.ImageSeriesReader.Execute
-
-    def execute(self):
-        calls.append(len(self.GetFileNames()))
-        return real(self)
-
-    monkeypatch.setattr(sitk.ImageSeriesReader, "Execute", execute)
+    calls = _count_series_reads(monkeypatch)
     args = ["segment", str(folder), "liver", "-m", str(small_checkpoint), "-o", str(tmp_path / "out.nii.gz")]
     torch_threads = torch.get_num_threads()
     try:

@@ -83,8 +83,6 @@ def strict_float32() -> Iterator[None]:
 def set_threads(threads: int | None) -> None:
     """Limit the CPU threads of torch and of every parallel step of the pipeline (``--threads``); None or 0 leaves
     the defaults (torch's own, and the usable cores for the rest: ``parallel.thread_budget``)."""
-    if threads is not None and threads < 0:
-        raise UsageError("--threads must be positive")
-    set_thread_budget(threads)
+    set_thread_budget(threads)  # refuses a negative count
     if threads:
         torch.set_num_threads(threads)

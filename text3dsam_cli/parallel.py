@@ -8,6 +8,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+from text3dsam_cli.errors import UsageError
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -27,6 +29,8 @@ _budget: int | None = None
 def set_thread_budget(threads: int | None) -> None:
     """Cap the threads of every parallel step (``--threads``); None or 0: as many as the usable cores."""
     global _budget
+    if threads is not None and threads < 0:
+        raise UsageError("--threads must be positive")
     _budget = threads or None
 
 

@@ -637,7 +637,7 @@ def wants_write_behind(segmenter: Segmenter, asked: bool | None = None) -> bool:
         asked = write_behind_setting()
     if asked is not None:
         return asked
-    return getattr(segmenter, "device", None) is not None and segmenter.device.type != "cpu"
+    return segmenter.device.type != "cpu"
 
 
 class SegmentRun:

@@ -207,7 +207,7 @@ def segment_command(
     items = select_shard(expand_inputs([input], stdin=sys.stdin if input == "-" else None), shard)
     from text3dsam_cli.parallel import set_thread_budget
 
-    set_thread_budget(threads if threads and threads > 0 else None)  # the first read's threads too (DICOM slabs)
+    set_thread_budget(threads)  # before the first read starts (its DICOM slabs); set_threads adds torch's later
     early = {} if skip_existing else _read_first(items, series)
 
     from text3dsam_cli.devices import set_threads

@@ -26,9 +26,15 @@ import pydicom
 
 from text3dsam_cli.errors import InputError
 from text3dsam_cli.io.atomic import encodable
-from text3dsam_cli.io.itk import first_error_line, itk_path, simpleitk, volume_from_image
+from text3dsam_cli.io.itk import (
+    first_error_line,
+    itk_path,
+    numpy_dtype,
+    simpleitk,
+    volume_from_array,
+    volume_from_image,
+)
 from text3dsam_cli.io.limits import check_voxel_count
-from text3dsam_cli.io.npz import check_finite
 from text3dsam_cli.io.volume import Volume
 from text3dsam_cli.parallel import thread_budget
 
@@ -265,10 +271,7 @@ def read_series(series: DicomSeries, where: str | os.PathLike[str]) -> Volume:
     }
     if read is None:
         return volume_from_image(image, Path(where), "dicom", series.modality, meta)
-    array, spacing, origin, direction = read
-    check_finite(array, Path(where), "the image")
-    return Volume(array=array, spacing=spacing, origin=origin, direction=direction, path=Path(where),
-                  source_format="dicom", modality=series.modality, meta=meta)
+    return volume_from_array(*read, Path(where), "dicom", series.modality, meta)
 
 
 #: Fewest files of a DICOM series one thread reads: a shorter series is read by one reader.
@@ -290,8 +293,7 @@ class _SlabMismatch(Exception):
 
 
 def _read_slabs(files: list[str], slabs: list[tuple[int, int]], check: Callable[[], None],
-                ) -> tuple[np.ndarray, tuple[float, float, float], tuple[float, float, float],
-                           tuple[float, ...]] | None:
+                ) -> tuple[np.ndarray, tuple[float, ...], tuple[float, ...], tuple[float, ...]] | None:
     """The series' array and geometry, each slab read by its own ``ImageSeriesReader`` on a thread while
     ``check()`` runs in this one; None when the slabs do not fit together (the caller reads the series whole,
     so that ITK reports the problem in its own words).
@@ -310,7 +312,7 @@ def _read_slabs(files: list[str], slabs: list[tuple[int, int]], check: Callable[
     if first.GetDimension() != 3 or size[2] != 1 or first.GetNumberOfComponents() != 1:
         return None  # multi-frame or colour files: the whole-series reader decides
     pixel_id = first.GetPixelID()
-    dtype = sitk.GetArrayViewFromImage(sitk.Image([1, 1, 1], pixel_id)).dtype
+    dtype = numpy_dtype(pixel_id)
     if dtype.kind == "c":
         return None
     array = np.empty((len(files), size[1], size[0]), dtype)
@@ -345,8 +347,7 @@ def _read_slabs(files: list[str], slabs: list[tuple[int, int]], check: Callable[
     step = np.asarray(last.GetOrigin(), np.float64) - np.asarray(origin, np.float64)
     norm = float(np.sqrt(step[0] * step[0] + step[1] * step[1] + step[2] * step[2]))
     slice_spacing = norm / (len(files) - 1) if norm > 0 else 1.0
-    return (array, (float(spacing[0]), float(spacing[1]), slice_spacing),
-            tuple(float(v) for v in origin), tuple(float(v) for v in direction))  # type: ignore[return-value]
+    return array, (spacing[0], spacing[1], slice_spacing), origin, direction
 
 
 def series_identity(series: DicomSeries) -> dict[str, str | None]:

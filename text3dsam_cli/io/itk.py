@@ -19,7 +19,7 @@ import re
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +29,7 @@ from text3dsam_cli.io.npz import check_finite
 from text3dsam_cli.io.volume import Volume, shape_text
 
 if TYPE_CHECKING:
+    import numpy as np
     import SimpleITK as sitk
 
 log = logging.getLogger(__name__)
@@ -119,18 +120,33 @@ def volume_from_image(image: sitk.Image, path: Path, source_format: str, modalit
     check_layout(image.GetDimension(), image.GetSize(), image.GetNumberOfComponentsPerPixel(), path)
     if "complex" in image.GetPixelIDTypeAsString():
         raise InputError("has complex-valued voxels; a real-valued volume is needed", path)
-    array = simpleitk().GetArrayFromImage(image)
+    return volume_from_array(simpleitk().GetArrayFromImage(image), image.GetSpacing(), image.GetOrigin(),
+                             image.GetDirection(), path, source_format, modality, meta)
+
+
+def volume_from_array(array: np.ndarray, spacing: Sequence[float], origin: Sequence[float],
+                      direction: Sequence[float], path: Path, source_format: str, modality: str | None,
+                      meta: dict[str, Any]) -> Volume:
+    """A (z, y, x) array read without a full SimpleITK image (straight from the file, or in slabs) and its
+    geometry in ITK's terms, as a :class:`Volume`, after the same checks as :func:`volume_from_image`."""
+    check_layout(3, tuple(reversed(array.shape)), 1, path)
     check_finite(array, path, "the image")
     return Volume(
         array=array,
-        spacing=tuple(float(v) for v in image.GetSpacing()),  # type: ignore[arg-type]
-        origin=tuple(float(v) for v in image.GetOrigin()),  # type: ignore[arg-type]
-        direction=tuple(float(v) for v in image.GetDirection()),
+        spacing=tuple(float(v) for v in spacing),  # type: ignore[arg-type]
+        origin=tuple(float(v) for v in origin),  # type: ignore[arg-type]
+        direction=tuple(float(v) for v in direction),
         path=path,
         source_format=source_format,
         modality=modality,
         meta=meta,
     )
+
+
+def numpy_dtype(pixel_id: int) -> np.dtype:
+    """The numpy dtype ``sitk.GetArrayFromImage`` gives an image of SimpleITK pixel type ``pixel_id``."""
+    sitk = simpleitk()
+    return sitk.GetArrayViewFromImage(sitk.Image([1, 1, 1], pixel_id)).dtype
 
 
 def first_error_line(exc: BaseException) -> str:
